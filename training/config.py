@@ -1,0 +1,334 @@
+"""Training configuration: YAML file -> `key=value` overrides -> validated dataclasses.
+
+The resolved config is saved next to every checkpoint so a run can be resumed, evaluated and
+exported without the original file. Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from uembed.errors import UserError
+from uembed.preprocess import PreprocessSpec
+
+HeadKind = Literal["norm_softmax", "arcface", "multilabel_softmax", "multilabel_arcface", "double_margin"]
+MULTI_LABEL_HEADS = ("multilabel_softmax", "multilabel_arcface")
+PROXY_HEADS = ("norm_softmax", "arcface", "multilabel_softmax", "multilabel_arcface")
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot be trained: the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    trunk: str = "resnet18"
+    pretrained: bool = False
+    embedding_dim: int = 256
+    gem_p: float = 3.0
+    gem_eps: float = 1e-6
+    drop_rate: float = 0.0
+    trunk_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskConfig:
+    """One task: where its labels come from, its head/loss and its weight in the sum."""
+
+    name: str
+    manifest: list[str]
+    head: HeadKind = "norm_softmax"
+    label_key: str = ""  # defaults to the task name
+    weight: float = 1.0
+    temperature: float = 0.05  # normalized softmax / multi-label softmax
+    margin: float = 0.5  # ArcFace additive angular margin (radians)
+    scale: float = 64.0  # ArcFace scale
+    num_sampled: int = 0  # proxies per step (0 = all classes); always holds every batch label
+    pos_margin: float = 0.8  # double margin: positives are pulled above this cosine
+    neg_margin: float = 0.3  # double margin: negatives are pushed below this cosine
+
+    @property
+    def multi_label(self) -> bool:
+        return self.head in MULTI_LABEL_HEADS
+
+    @property
+    def has_proxies(self) -> bool:
+        return self.head in PROXY_HEADS
+
+
+@dataclass
+class DatasetOptions:
+    """Per-manifest sampling options (optional)."""
+
+    manifest: str
+    images_per_batch: int = 0  # 0 = data.images_per_dataset
+    m_per_class: int = 0  # > 0: sample m images of each drawn class (identity tasks)
+    class_key: str = ""  # the label that m_per_class groups by
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Generate the synthetic dataset into `out` when its manifests are missing (tests, smoke)."""
+
+    out: str
+    identities: int = 64
+    holdout: int = 16
+    views: int = 6
+    image_size: int = 64
+    categories: int = 8
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    images_per_dataset: int = 32
+    num_workers: int = 2
+    datasets: list[DatasetOptions] = field(default_factory=list)
+    synthetic: SyntheticDataConfig | None = None
+    augment: Literal["none", "light", "camera"] = "light"
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    gem_lr_mult: float = 10.0
+    proxy_optimizer: Literal["sgd", "sparse_adam"] = "sgd"
+    proxy_lr: float = 1.0
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_milestones: list[float] = field(default_factory=lambda: [0.6, 0.85])  # fractions of training
+    step_gamma: float = 0.1
+    head_warmup_epochs: int = 0  # epochs that train only GeM, embedding head and proxies
+    grad_clip: float = 5.0  # max global grad norm of trunk+head; 0 disables
+    amp: Literal["auto", "on", "off"] = "auto"  # auto: fp16 autocast on CUDA only
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: int = 10
+    max_steps: int = 0  # > 0 stops early (smoke runs, tests)
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = once per epoch
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+
+@dataclass
+class EvalSetConfig:
+    name: str
+    query: str
+    gallery: str
+    label_key: str
+    exclude_self: bool = False  # query and gallery are the same images: skip the query itself
+
+
+@dataclass
+class TrainConfig:
+    name: str = "uembed"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: dict[str, Any] = field(default_factory=lambda: {"input_size": 224})
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    eval: list[EvalSetConfig] = field(default_factory=list)
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.preprocess)
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def manifests(self) -> list[str]:
+        """Every training manifest, in first-use order: each is one dataset of the batch mix."""
+        seen: list[str] = []
+        for t in self.tasks:
+            for m in t.manifest:
+                if m not in seen:
+                    seen.append(m)
+        return seen
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        if not self.tasks:
+            raise ConfigError("tasks: at least one task is required")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tasks: duplicate task names {names}")
+        for t in self.tasks:
+            if not t.label_key:
+                t.label_key = t.name
+            if not t.manifest:
+                raise ConfigError(f"tasks.{t.name}.manifest: at least one manifest")
+            if t.weight < 0:
+                raise ConfigError(f"tasks.{t.name}.weight must be >= 0")
+            if t.temperature <= 0 or t.scale <= 0:
+                raise ConfigError(f"tasks.{t.name}: temperature and scale must be > 0")
+            if not 0 <= t.margin < 3.14159:
+                raise ConfigError(f"tasks.{t.name}.margin must be in [0, pi)")
+            if t.num_sampled < 0:
+                raise ConfigError(f"tasks.{t.name}.num_sampled must be >= 0")
+            if t.head == "double_margin" and not -1 <= t.neg_margin < t.pos_margin <= 1:
+                raise ConfigError(f"tasks.{t.name}: need -1 <= neg_margin < pos_margin <= 1")
+        if self.model.embedding_dim < 8:
+            raise ConfigError("model.embedding_dim must be >= 8")
+        if self.data.images_per_dataset < 1:
+            raise ConfigError("data.images_per_dataset must be >= 1")
+        manifests = self.manifests()
+        for d in self.data.datasets:
+            if d.manifest not in manifests:
+                raise ConfigError(f"data.datasets: {d.manifest} is not the manifest of any task")
+            if d.m_per_class and not d.class_key:
+                raise ConfigError(f"data.datasets[{d.manifest}]: m_per_class needs class_key")
+        if self.train.epochs < 1:
+            raise ConfigError("train.epochs must be >= 1")
+        if self.optim.head_warmup_epochs >= self.train.epochs:
+            raise ConfigError("optim.head_warmup_epochs must be < train.epochs")
+        try:
+            self.preprocess_spec  # noqa: B018 - validates
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"preprocess: {e}") from e
+        return self
+
+    def dataset_options(self, manifest: str) -> DatasetOptions:
+        for d in self.data.datasets:
+            if d.manifest == manifest:
+                return d
+        return DatasetOptions(manifest=manifest)
+
+
+# -- building dataclasses from plain dicts, strictly ------------------------------------------------
+def _build(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = set(value) - set(fields)
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{where or 'config'}: {e}") from e
+    if origin is list:
+        if tp is not None and args and args[0] is str and isinstance(value, str):
+            value = [value]  # a single manifest may be written as a string
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return dict(value)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict; list items by index or, for named lists, by name."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = next((j for j, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part),
+                       None)
+            if idx is None:
+                if not part.lstrip("-").isdigit():
+                    raise ConfigError(f"override {dotted}: no list item named {part!r}")
+                idx = int(part)
+                if not -len(node) <= idx < len(node):
+                    raise ConfigError(f"override {dotted}: index {idx} out of range")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:i])} is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    tree = dict(raw or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    cfg = _build(TrainConfig, tree, "")
+    return cfg.validate()
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return config_from_dict(raw, overrides)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,137 @@
+"""Seeded image augmentations (Pillow + numpy), ending in the shared `PreprocessSpec`.
+
+Every random choice comes from an explicit `numpy.random.Generator`, so a sample's augmentation
+depends only on its seed: data-loader workers, ranks and resumed runs all see the same pixels.
+The "camera" level models a phone photo of a product (Pinterest Lens): perspective, blur, noise,
+lighting, JPEG; the same functions render the camera evaluation queries.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from uembed.preprocess import PreprocessSpec
+
+Level = Literal["none", "light", "camera"]
+
+
+def random_resized_crop(
+    img: Image.Image, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return img.crop((left, top, left + cw, top + ch))
+    return img
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator, strength: float = 0.3) -> Image.Image:
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhancer(img).enhance(float(rng.uniform(1 - strength, 1 + strength)))
+    return img
+
+
+def perspective(img: Image.Image, rng: np.random.Generator, distortion: float = 0.2,
+                fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """A random homography moving each corner by up to `distortion` of the side."""
+    w, h = img.size
+    dx, dy = distortion * w / 2, distortion * h / 2
+    src = [(0, 0), (w, 0), (w, h), (0, h)]
+    dst = [(x + rng.uniform(-dx, dx), y + rng.uniform(-dy, dy)) for x, y in src]
+    coeffs = _perspective_coeffs(dst, src)
+    return img.transform((w, h), Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BILINEAR, fillcolor=fill)
+
+
+def _perspective_coeffs(dst: list[tuple[float, float]], src: list[tuple[float, float]]) -> list[float]:
+    # Solve for the 8 coefficients that map output pixel (x, y) back to input (u, v).
+    rows = []
+    for (x, y), (u, v) in zip(dst, src, strict=True):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    a = np.asarray(rows, dtype=np.float64)
+    b = np.asarray([c for p in src for c in p], dtype=np.float64)
+    return np.linalg.solve(a, b).tolist()
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
+
+
+def add_noise(img: Image.Image, rng: np.random.Generator, sigma: float) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr + rng.normal(0.0, sigma, arr.shape).astype(np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def lighting(img: Image.Image, rng: np.random.Generator, strength: float = 0.35) -> Image.Image:
+    """A linear brightness gradient across the image plus a colour cast, like uneven room light."""
+    w, h = img.size
+    arr = np.asarray(img, dtype=np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    xs, ys = np.meshgrid(np.linspace(-1, 1, w), np.linspace(-1, 1, h))
+    ramp = 1.0 + strength * (np.cos(angle) * xs + np.sin(angle) * ys) / 2
+    cast = rng.uniform(1 - strength / 3, 1 + strength / 3, size=3)
+    arr = arr * ramp[..., None] * cast[None, None, :]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def background_texture(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A smooth random colour field with speckle: a table top or a wall behind the product."""
+    w, h = size
+    low = rng.uniform(60, 230, size=(4, 4, 3)).astype(np.float32)
+    field = np.asarray(Image.fromarray(low.astype(np.uint8), "RGB").resize((w, h), Image.Resampling.BICUBIC),
+                       dtype=np.float32)
+    field += rng.normal(0, 12, field.shape)
+    return Image.fromarray(np.clip(field, 0, 255).astype(np.uint8), "RGB")
+
+
+def camera_view(img: Image.Image, rng: np.random.Generator, spec: PreprocessSpec,
+                jpeg_quality: tuple[int, int] = (60, 90)) -> Image.Image:
+    """Render `img` as if photographed: on a textured background, warped, lit, blurred, noisy, JPEG."""
+    rgba = img.convert("RGBA")
+    w, h = rgba.size
+    pad = int(max(w, h) * rng.uniform(0.05, 0.35))
+    canvas = background_texture((w + 2 * pad, h + 2 * pad), rng).convert("RGBA")
+    canvas.alpha_composite(rgba, (pad, pad))
+    out = canvas.convert("RGB")
+    out = perspective(out, rng, distortion=float(rng.uniform(0.05, 0.3)),
+                      fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    out = out.rotate(float(rng.uniform(-20, 20)), Image.Resampling.BILINEAR,
+                     fillcolor=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    out = lighting(out, rng)
+    out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.5))))
+    out = add_noise(out, rng, float(rng.uniform(0, 8)))
+    return jpeg(out, int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1)))
+
+
+class TrainTransform:
+    """Augment a decoded image with a per-sample seed, then apply the shared preprocessing."""
+
+    def __init__(self, spec: PreprocessSpec, level: Level = "light") -> None:
+        self.spec, self.level = spec, level
+
+    def __call__(self, img: Image.Image, seed: int) -> np.ndarray:
+        if self.level == "none":
+            return self.spec.to_array(img)
+        rng = np.random.default_rng(seed)
+        rgb = self.spec.to_rgb(img) if self.level == "light" or rng.random() >= 0.5 else None
+        if rgb is None:
+            rgb = camera_view(img, rng, self.spec)
+        # No horizontal flip: mirrored products (arrows, text, logos) are other identities.
+        rgb = random_resized_crop(rgb, rng)
+        rgb = color_jitter(rgb, rng)
+        return self.spec.normalize(np.asarray(self.spec.resize_image(rgb), dtype=np.uint8))

@@ -1,0 +1,195 @@
+"""Retrieval evaluation: P@1, Avg P@20, Recall@K and MAP@R, for float (cosine) and binary (Hamming).
+
+Exact search in blocks of queries. Binary codes are ranked by Hamming distance through the
+identity hamming(a, b) = (D - s_a . s_b) / 2 with s = 2*bit - 1, which is an exact integer
+matmul in float32 for D < 2**24. Ties are broken by gallery order (stable sort), so results are
+deterministic and identical to a brute-force loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from training.data.manifest import Record, read_manifest
+from uembed.preprocess import PreprocessSpec
+
+AVG_P_K = 20
+RECALL_KS = (1, 5, 10)
+
+
+@dataclass
+class RetrievalResult:
+    queries: int
+    skipped: int  # queries with no relevant gallery item (left out of the averages)
+    p_at_1: float
+    avg_p_at_20: float
+    recall: dict[int, float]
+    map_at_r: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "queries": self.queries, "skipped": self.skipped, "p@1": self.p_at_1,
+            "avg_p@20": self.avg_p_at_20, **{f"recall@{k}": v for k, v in self.recall.items()},
+            "map@r": self.map_at_r,
+        }
+
+
+def _label_ids(query: Sequence[object], gallery: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
+    _, inverse = np.unique(np.asarray([str(x) for x in (*query, *gallery)]), return_inverse=True)
+    return inverse[: len(query)], inverse[len(query):]
+
+
+def retrieval_metrics(query: np.ndarray, query_labels: Sequence[object], gallery: np.ndarray,
+                      gallery_labels: Sequence[object], *, metric: str = "cosine",
+                      exclude: np.ndarray | None = None, block: int = 256) -> RetrievalResult:
+    """Rank `gallery` for every query. metric: cosine (float rows) or hamming (0/1 bit rows).
+
+    `exclude[i]` is a gallery index to leave out for query i (itself), or -1.
+    """
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (N, D) with equal D")
+    if metric == "hamming":
+        q = (2.0 * query.astype(np.float32) - 1.0)
+        g = (2.0 * gallery.astype(np.float32) - 1.0)
+    elif metric == "cosine":
+        q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+        g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
+        q, g = q.astype(np.float32), g.astype(np.float32)
+    else:
+        raise ValueError(f"unknown metric {metric!r}")
+    qy, gy = _label_ids(query_labels, gallery_labels)
+    n_gallery = g.shape[0]
+    k20 = min(AVG_P_K, n_gallery)
+    p1, ap20, mapr = [], [], []
+    recall = {k: [] for k in RECALL_KS}
+    skipped = 0
+    for start in range(0, q.shape[0], block):
+        scores = q[start : start + block] @ g.T
+        rows = np.arange(scores.shape[0])
+        if exclude is not None:
+            ex = exclude[start : start + block]
+            has = ex >= 0
+            scores[rows[has], ex[has]] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")
+        rel = gy[order] == qy[start : start + block, None]
+        if exclude is not None:
+            # The excluded item sorts last; it must not count as relevant.
+            rel[has, -1] = False
+        n_rel = rel.sum(axis=1)
+        ok = n_rel > 0
+        skipped += int((~ok).sum())
+        rel, n_rel = rel[ok], n_rel[ok]
+        if not len(rel):
+            continue
+        p1.append(rel[:, 0])
+        ap20.append(rel[:, :k20].sum(axis=1) / k20)
+        for k in RECALL_KS:
+            recall[k].append(rel[:, : min(k, n_gallery)].any(axis=1))
+        # MAP@R: over the first R ranks (R = number relevant), average precision at each relevant hit.
+        ranks = np.arange(1, rel.shape[1] + 1)
+        within_r = ranks[None, :] <= n_rel[:, None]
+        hits = rel & within_r
+        precision_at = np.cumsum(hits, axis=1) / ranks[None, :]
+        mapr.append((precision_at * hits).sum(axis=1) / n_rel)
+
+    def mean(parts: list[np.ndarray]) -> float:
+        return float(np.concatenate(parts).mean()) if parts else 0.0
+
+    return RetrievalResult(
+        queries=int(q.shape[0]) - skipped, skipped=skipped, p_at_1=mean(p1), avg_p_at_20=mean(ap20),
+        recall={k: mean(v) for k, v in recall.items()}, map_at_r=mean(mapr),
+    )
+
+
+class _ImageList(Dataset):
+    def __init__(self, records: Sequence[Record], spec: PreprocessSpec) -> None:
+        self.records, self.spec = list(records), spec
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.spec.load(str(self.records[i].image)))
+
+
+@torch.no_grad()
+def embed_records(model: torch.nn.Module, records: Sequence[Record], spec: PreprocessSpec,
+                  device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 2) -> np.ndarray:
+    """L2-normalized float embeddings of the records' images, in order (eval preprocessing)."""
+    loader = DataLoader(_ImageList(records, spec), batch_size=batch_size, num_workers=num_workers)
+    model.eval()
+    out = [model(batch.to(device)).float().cpu().numpy() for batch in loader]
+    return np.concatenate(out)
+
+
+def _labels(records: Sequence[Record], key: str, where: str) -> list[str]:
+    labels = []
+    for r in records:
+        v = r.labels.get(key)
+        if v is None:
+            raise ValueError(f"{where}: {r.image} has no '{key}' label")
+        labels.append(v if isinstance(v, str) else "|".join(sorted(v)))
+    return labels
+
+
+def evaluate_embeddings(q_emb: np.ndarray, q_labels: Sequence[object], g_emb: np.ndarray,
+                        g_labels: Sequence[object], exclude: np.ndarray | None = None) -> dict[str, dict]:
+    """Float and binary (embedding > 0) results for one query/gallery pair."""
+    return {
+        "float": retrieval_metrics(q_emb, q_labels, g_emb, g_labels, metric="cosine", exclude=exclude).as_dict(),
+        "binary": retrieval_metrics(q_emb > 0, q_labels, g_emb > 0, g_labels, metric="hamming",
+                                    exclude=exclude).as_dict(),
+    }
+
+
+def evaluate_sets(model: torch.nn.Module, eval_sets: Sequence, spec: PreprocessSpec,
+                  device: str | torch.device = "cpu", num_workers: int = 2) -> dict[str, dict]:
+    """Evaluate every configured set (training.config.EvalSetConfig)."""
+    results: dict[str, dict] = {}
+    for es in eval_sets:
+        query = read_manifest(es.query)
+        gallery = query if es.exclude_self or es.gallery == es.query else read_manifest(es.gallery)
+        q_emb = embed_records(model, query, spec, device, num_workers=num_workers)
+        g_emb = q_emb if gallery is query else embed_records(model, gallery, spec, device, num_workers=num_workers)
+        exclude = np.arange(len(query)) if gallery is query else None
+        results[es.name] = evaluate_embeddings(
+            q_emb, _labels(query, es.label_key, es.query), g_emb, _labels(gallery, es.label_key, es.gallery), exclude)
+        results[es.name]["label_key"] = es.label_key
+        results[es.name]["gallery_size"] = len(gallery)
+    return results
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    cols = ["p@1", "avg_p@20", "recall@1", "recall@5", "recall@10", "map@r"]
+    lines = ["| set | codes | queries | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for name, res in results.items():
+        for kind in ("float", "binary"):
+            r = res[kind]
+            cells = " | ".join(f"{100 * r[c]:.1f}" for c in cols)
+            lines.append(f"| {name} | {kind} | {r['queries']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_run(run: str | Path, out: str | Path | None = None, device: str = "cpu",
+                 num_workers: int = 2) -> dict[str, dict]:
+    """`uembed evaluate`: the run's newest checkpoint on the eval sets its config names."""
+    from training.checkpoint import load_model, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(run)
+    model, cfg = load_model(ckpt, device)
+    if not cfg.eval:
+        raise ValueError(f"{ckpt}: the run's config names no eval sets")
+    results = evaluate_sets(model, cfg.eval, cfg.preprocess_spec, device, num_workers)
+    report = {"checkpoint": str(ckpt), "results": results}
+    out_path = Path(out) if out else Path(run) / "eval.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2))
+    out_path.with_suffix(".md").write_text(markdown_table(results))
+    return report

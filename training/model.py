@@ -1,0 +1,119 @@
+"""The unified embedding model: timm trunk -> GeM -> LayerNorm (no affine) -> Linear -> L2 norm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import ModelConfig
+
+
+class GeM(nn.Module):
+    """Generalized-mean pooling with a learned power p (p=1 average, p->inf max; GrokNet)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.full((1,), float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pooled in float32: x**3 overflows fp16 for activations above ~40.
+        p = self.p.float().clamp(min=1.0)
+        pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1))
+        return pooled.pow(1.0 / p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.3f}, eps={self.eps}"
+
+
+class EmbeddingHead(nn.Module):
+    """LayerNorm without affine then a bias-free projection (Zhai & Wu, BMVC 2019), L2-normalized."""
+
+    def __init__(self, in_features: int, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features, elementwise_affine=False)
+        self.proj = nn.Linear(in_features, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.norm(x)), dim=-1)
+
+
+def create_trunk(cfg: ModelConfig) -> tuple[nn.Module, int, bool]:
+    """A timm trunk without classifier. Returns (trunk, feature channels, feature map is spatial)."""
+    import timm
+
+    kwargs: dict[str, Any] = {"drop_rate": cfg.drop_rate, **cfg.trunk_kwargs}
+    trunk = timm.create_model(cfg.trunk, pretrained=cfg.pretrained, num_classes=0, global_pool="", **kwargs)
+    spatial = True
+    with torch.no_grad():
+        was_training = trunk.training
+        trunk.eval()
+        probe = trunk.forward_features(torch.zeros(1, 3, 64, 64)) if _accepts_any_size(trunk) else None
+        trunk.train(was_training)
+    if probe is not None and probe.ndim != 4:
+        spatial = False
+    if not spatial:
+        # Token models (ViT...): let timm pool (class token or average), GeM needs spatial maps.
+        trunk = timm.create_model(cfg.trunk, pretrained=cfg.pretrained, num_classes=0, **kwargs)
+    return trunk, int(trunk.num_features), spatial
+
+
+def _accepts_any_size(trunk: nn.Module) -> bool:
+    cfg = getattr(trunk, "pretrained_cfg", {}) or {}
+    return not cfg.get("fixed_input_size", False)
+
+
+class UnifiedEmbeddingModel(nn.Module):
+    """Images (normalized NCHW float) -> L2-normalized embeddings (N, D)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk, self.num_features, self.spatial = create_trunk(cfg)
+        self.pool = GeM(cfg.gem_p, cfg.gem_eps) if self.spatial else None
+        self.head = EmbeddingHead(self.num_features, cfg.embedding_dim)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.cfg.embedding_dim
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Trunk + pooling: (N, C) descriptors before the embedding head."""
+        if self.pool is None:
+            return self.trunk(images)
+        return self.pool(self.trunk.forward_features(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images).float())
+
+    def param_groups(self, lr: float, weight_decay: float, gem_lr_mult: float) -> list[dict[str, Any]]:
+        """Trunk and head weights decay; norms, biases and GeM's p don't; p learns `gem_lr_mult` faster."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad or name == "pool.p":
+                continue
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [
+            {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+        if self.pool is not None:
+            groups.append({"name": "gem", "params": [self.pool.p], "lr": lr * gem_lr_mult, "weight_decay": 0.0})
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        return [g for g in groups if g["params"]]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """What a head warm-up trains besides the proxies: pooling and the embedding projection."""
+        params = list(self.head.parameters())
+        if self.pool is not None:
+            params.append(self.pool.p)
+        return params
+
+
+def binarize(embeddings: torch.Tensor) -> torch.Tensor:
+    """Binary code: bit = 1 where the embedding is > 0 (Pinterest's thresholding at zero)."""
+    return embeddings > 0
