@@ -1,8 +1,8 @@
 """Class-proxy banks kept in CPU memory, subsampled per step and updated sparsely (Pinterest 2019).
 
 A bank of M proxies (M x D) may not fit on the accelerator. Each step samples K classes that
-always contain every label of the batch (PartialFC's trick: batch labels get top priority, then
-top-K of random scores, sorted, and labels re-indexed with searchsorted), gathers those K rows
+always contain every label of the batch (as PartialFC does: batch labels first, then uniform
+negatives, sorted, and labels re-indexed with searchsorted), gathers those K rows
 through `F.embedding(..., sparse=True)` so the backward pass produces a sparse gradient of K rows,
 and an optimizer without momentum or weight decay (plain SGD or SparseAdam) touches only them.
 A step therefore costs the same in gradient and update work whatever M is.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +35,9 @@ def sample_classes(
 
     `labels` is (B,) or (B, L) with IGNORE for missing/padding. If K is 0 or >= num_classes all
     classes are used and labels are unchanged. K is raised to the number of distinct batch labels
-    if the batch holds more, so the guarantee never breaks.
+    if the batch holds more, so the guarantee never breaks. The other K - P classes are uniform
+    without replacement among the rest, drawn by numpy's `choice(replace=False)`, which costs
+    O(K) when K << M (Floyd's algorithm) where PartialFC's top-K of M random scores costs O(M).
     """
     valid = labels[labels != IGNORE]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
@@ -42,10 +45,14 @@ def sample_classes(
     if num_sampled <= 0 or num_sampled >= num_classes:
         return ProxySample(torch.arange(num_classes), labels.clone())
     positives = torch.unique(valid)
-    k = max(num_sampled, int(positives.numel()))
-    scores = torch.rand(num_classes, generator=generator)
-    scores[positives] = 2.0  # above any uniform draw: batch labels are always taken
-    index = torch.topk(scores, k, sorted=False).indices.sort().values
+    need = max(num_sampled, int(positives.numel())) - int(positives.numel())
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    # need + P draws hold at least `need` classes that are not batch labels.
+    drawn = np.random.default_rng(seed).choice(num_classes, size=min(num_classes, need + positives.numel()),
+                                               replace=False)
+    drawn_t = torch.from_numpy(drawn)
+    negatives = drawn_t[~torch.isin(drawn_t, positives)][:need]
+    index = torch.cat([positives, negatives]).sort().values
     remapped = labels.clone()
     mask = labels != IGNORE
     remapped[mask] = torch.searchsorted(index, labels[mask])

@@ -390,10 +390,10 @@ class Trainer:
                     self._log({"event": "train", "step": self.step, "epoch": epoch,
                                "lr": self.optimizer.param_groups[0]["lr"], "losses": last,
                                "images_per_s": round(rate, 2), "head_warmup": self.in_head_warmup(self.step - 1)})
-                if on_step is not None:
-                    on_step(self, last)
                 if (every and self.step % every == 0) or self.step == self.total_steps:
                     self.checkpoint()
+                if on_step is not None:
+                    on_step(self, last)
                 if self.step >= self.total_steps:
                     break
             else:

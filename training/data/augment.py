@@ -99,7 +99,7 @@ def background_texture(size: tuple[int, int], rng: np.random.Generator) -> Image
     return Image.fromarray(np.clip(field, 0, 255).astype(np.uint8), "RGB")
 
 
-def camera_view(img: Image.Image, rng: np.random.Generator, spec: PreprocessSpec,
+def camera_view(img: Image.Image, rng: np.random.Generator,
                 jpeg_quality: tuple[int, int] = (60, 90)) -> Image.Image:
     """Render `img` as if photographed: on a textured background, warped, lit, blurred, noisy, JPEG."""
     rgba = img.convert("RGBA")
@@ -130,7 +130,7 @@ class TrainTransform:
         rng = np.random.default_rng(seed)
         rgb = self.spec.to_rgb(img) if self.level == "light" or rng.random() >= 0.5 else None
         if rgb is None:
-            rgb = camera_view(img, rng, self.spec)
+            rgb = camera_view(img, rng)
         # No horizontal flip: mirrored products (arrows, text, logos) are other identities.
         rgb = random_resized_crop(rgb, rng)
         rgb = color_jitter(rgb, rng)

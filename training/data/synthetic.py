@@ -4,7 +4,8 @@ Each identity is a small composition of coloured shapes; its category fixes the 
 its attributes are the shape kinds it contains (multi-label). Every identity is drawn in several
 "views", each by a different "artist": shapes moved and resized a little, colours shifted,
 background tinted, rotated, and saved as PNG, JPEG or WebP. The last `holdout` identities never
-appear in training: their first view is the query, the other views the gallery.
+appear in training: their first view, photographed (`camera_view`: textured background,
+perspective, lighting, blur, noise, JPEG), is the query; the other clean views are the gallery.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from training.config import SyntheticDataConfig
+from training.data.augment import camera_view
 from training.data.manifest import Record, write_manifest
 
 SHAPES = ("circle", "square", "triangle", "diamond", "bar")
@@ -87,11 +89,14 @@ def generate_synthetic(cfg: SyntheticDataConfig) -> dict[str, Path]:
         for v in range(cfg.views):
             view_rng = np.random.default_rng([cfg.seed, k, v])
             img = _render(shapes, cfg.image_size, view_rng, jitter=1.0 if v else 0.3)
+            held_out = k >= cfg.identities - cfg.holdout
+            if held_out and v == 0:
+                img = camera_view(img, view_rng)
             ext, fmt, kw = _FORMATS[(k + v) % len(_FORMATS)]
             path = out / "images" / f"id{k:04d}_v{v}.{ext}"
             img.save(path, format=fmt, **kw)
             rec = Record(path, labels)
-            if k < cfg.identities - cfg.holdout:
+            if not held_out:
                 train.append(rec)
             else:
                 (query if v == 0 else gallery).append(rec)

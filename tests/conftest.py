@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny synthetic dataset (real encoded images) and a tiny training config."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from training.config import SyntheticDataConfig, TrainConfig, config_from_dict
+from training.data.synthetic import generate_synthetic
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 identities (6 held out) x 4 views at 32 px, plus a second manifest that only carries
+    attribute labels, so batches mix two datasets and tasks see unlabeled images."""
+    out = tmp_path_factory.mktemp("synth")
+    paths = generate_synthetic(SyntheticDataConfig(out=str(out), identities=24, holdout=6, views=4,
+                                                   image_size=32, categories=4, seed=1))
+    lines = paths["train"].read_text().splitlines()
+    extra = []
+    for line in lines[: len(lines) // 2]:
+        row = json.loads(line)
+        extra.append(json.dumps({"image": row["image"], "labels": {"attributes": row["labels"]["attributes"]}}))
+    (out / "attributes_only.jsonl").write_text("\n".join(extra) + "\n")
+    return out
+
+
+def tiny_config_dict(data: Path) -> dict[str, Any]:
+    train = str(data / "train.jsonl")
+    extra = str(data / "attributes_only.jsonl")
+    return {
+        "name": "tiny",
+        "seed": 3,
+        "model": {"trunk": "test_resnet", "embedding_dim": 32},
+        "preprocess": {"input_size": 32},
+        "data": {"images_per_dataset": 8, "num_workers": 0, "augment": "light",
+                 "datasets": [{"manifest": train, "m_per_class": 4, "class_key": "identity"}]},
+        "tasks": [
+            {"name": "identity", "manifest": train, "head": "norm_softmax", "num_sampled": 6},
+            {"name": "category", "manifest": train, "head": "arcface", "margin": 0.2, "scale": 16.0},
+            {"name": "attributes", "manifest": [train, extra], "head": "multilabel_softmax"},
+            {"name": "pairs", "manifest": train, "head": "double_margin", "label_key": "identity", "weight": 0.5},
+        ],
+        "optim": {"optimizer": "sgd", "lr": 0.05, "proxy_lr": 1.0},
+        "train": {"epochs": 2, "log_every": 1, "progress": False, "device": "cpu"},
+        "eval": [{"name": "heldout", "query": str(data / "query.jsonl"), "gallery": str(data / "gallery.jsonl"),
+                  "label_key": "identity"}],
+    }
+
+
+@pytest.fixture
+def tiny_config(synth_dir: Path) -> dict[str, Any]:
+    return copy.deepcopy(tiny_config_dict(synth_dir))
+
+
+def build_config(raw: dict[str, Any], *overrides: str) -> TrainConfig:
+    return config_from_dict(copy.deepcopy(raw), list(overrides))

@@ -1,0 +1,74 @@
+"""Config loading: overrides by path and by task name, strict keys, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import build_config
+from training.config import ConfigError, load_config, save_config
+from training.data.manifest import ManifestError, Vocabulary, folder_manifest, read_manifest
+
+
+def test_overrides_by_dotted_path_and_task_name(tiny_config: dict[str, Any]) -> None:
+    cfg = build_config(tiny_config, "optim.lr=0.2", "tasks.category.weight=3", "tasks.0.num_sampled=4",
+                       "model.trunk_kwargs={drop_path_rate: 0.1}")
+    assert cfg.optim.lr == 0.2 and cfg.task("category").weight == 3.0 and cfg.task("identity").num_sampled == 4
+    assert cfg.model.trunk_kwargs == {"drop_path_rate": 0.1}
+    assert cfg.task("pairs").label_key == "identity" and cfg.task("category").label_key == "category"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "unknown keys"),
+        ("optim.optimizer=lamb", "not one of"),
+        ("tasks.nope.weight=1", "no list item named"),
+        ("train.epochs=zero", "expected an integer"),
+        ("tasks.identity.head=softmax", "not one of"),
+        ("optim.head_warmup_epochs=5", "head_warmup_epochs"),
+        ("preprocess.resize=zoom", "preprocess"),
+        ("justakey", "key=value"),
+    ],
+)
+def test_bad_configs_name_the_key(tiny_config: dict[str, Any], override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(tiny_config, override)
+
+
+def test_resolved_config_round_trips(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    cfg = build_config(tiny_config)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_shipped_configs_load() -> None:
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for path in root.glob("*.yaml"):
+        assert load_config(path).tasks, path
+
+
+def test_manifest_errors_name_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"image": "a.png", "labels": {"t": "x"}}\n{"labels": {}}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:2"):
+        read_manifest(bad)
+    bad.write_text('{"image": "a.png", "labels": {"t": []}}\n')
+    with pytest.raises(ManifestError, match="empty label list"):
+        read_manifest(bad)
+
+
+def test_folder_tree_and_vocabulary(tmp_path: Path, synth_dir: Path) -> None:
+    from PIL import Image
+
+    for cls in ("shoes", "bags"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "tree" / cls / f"{i}.png")
+    recs = folder_manifest(tmp_path / "tree", "product")
+    assert [r.labels["product"] for r in recs] == ["bags", "bags", "shoes", "shoes"]
+    assert read_manifest(tmp_path / "tree")[0].labels == {"label": "bags"}
+    vocab = Vocabulary.from_records(read_manifest(synth_dir / "train.jsonl"), "attributes")
+    assert vocab.names == sorted(vocab.names) and vocab.encode(["circle"]) == [vocab.index["circle"]]

@@ -1,0 +1,117 @@
+"""The training step on real (tiny) data: masking, sparse proxy rows, warm-up, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import build_config
+from training.checkpoint import latest_checkpoint, load_model
+from training.proxies import IGNORE
+from training.train import Trainer
+
+
+def _batch(trainer: Trainer, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    trainer.sampler.set_epoch(0, step)
+    return next(iter(trainer.loader))
+
+
+def test_batches_mix_both_datasets_and_mask_unlabelled_tasks(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    trainer = Trainer(build_config(tiny_config), tmp_path / "run")
+    images, labels = _batch(trainer)
+    assert images.shape == (16, 3, 32, 32)  # 8 from each manifest
+    # the attributes-only manifest has no identity/category labels: masked, not faked
+    assert bool((labels["identity"][:8] != IGNORE).all()) and bool((labels["identity"][8:] == IGNORE).all())
+    assert bool((labels["attributes"] != IGNORE).any(dim=1).all())
+    longest = max(len(d) for d in trainer.datasets)
+    assert trainer.steps_per_epoch == -(-longest // 8)
+
+
+def test_masking_removes_a_tasks_gradient_for_unlabelled_images(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    trainer = Trainer(build_config(tiny_config), tmp_path / "run")
+    _, labels = _batch(trainer)
+    emb = torch.nn.functional.normalize(torch.randn(16, 32), dim=1).requires_grad_()
+    for task in ("identity", "category", "pairs"):
+        emb.grad = None
+        trainer.task_losses(emb, labels, step=0)[task].backward()
+        grad_norm = emb.grad.norm(dim=1)
+        assert bool((grad_norm[8:] == 0).all()), task  # unlabeled rows: exactly zero gradient
+        assert bool((grad_norm[:8] > 0).all()), task
+    emb.grad = None
+    trainer.task_losses(emb, labels, step=0)["attributes"].backward()
+    assert bool((emb.grad.norm(dim=1) > 0).all())  # both datasets carry attribute labels
+
+
+def test_a_training_step_updates_only_the_sampled_proxy_rows(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    trainer = Trainer(build_config(tiny_config), tmp_path / "run")
+    bank = trainer.banks["identity"]
+    assert bank.num_classes == 18
+    before = bank.weight.detach().clone()
+    images, labels = _batch(trainer)
+    batch_ids = set(labels["identity"][labels["identity"] != IGNORE].tolist())
+    assert len(batch_ids) == 2  # m_per_class=4 with 8 images per batch
+    trainer.train_step(images, labels)
+    changed = set((bank.weight.detach() != before).any(dim=1).nonzero().flatten().tolist())
+    assert len(changed) == 6  # num_sampled, out of 18
+    assert batch_ids <= changed
+    # the dense side did move
+    assert trainer.step == 1
+
+
+def test_resume_continues_bit_for_bit(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    tiny_config["train"].update(max_steps=6, checkpoint_every=3)
+    tiny_config["data"]["num_workers"] = 2
+    cfg = build_config(tiny_config)
+    Trainer(cfg, tmp_path / "straight").fit()
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_3(trainer: Trainer, _: dict[str, float]) -> None:
+        if trainer.step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(build_config(tiny_config), tmp_path / "resumed").fit(on_step=stop_after_3)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step_00000003"
+    resumed = Trainer(build_config(tiny_config), tmp_path / "resumed")
+    assert resumed.step == 3
+    resumed.fit()
+
+    a, b = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "resumed")
+    assert a.name == b.name == "step_00000006"
+    for name in ("model.safetensors", "proxies.safetensors"):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}:{k}"
+
+
+def test_head_warmup_freezes_the_trunk(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    tiny_config["optim"]["head_warmup_epochs"] = 1
+    trainer = Trainer(build_config(tiny_config), tmp_path / "run")
+    trunk_before = {k: v.clone() for k, v in trainer.model.trunk.state_dict().items()}
+    head_before = trainer.model.head.proj.weight.detach().clone()
+    p_before = trainer.model.pool.p.detach().clone()
+    images, labels = _batch(trainer)
+    trainer.train_step(images, labels)
+    for k, v in trainer.model.trunk.state_dict().items():
+        assert torch.equal(v, trunk_before[k]), k  # weights and BatchNorm statistics
+    assert not torch.equal(trainer.model.head.proj.weight, head_before)
+    assert not torch.equal(trainer.model.pool.p.detach(), p_before)
+
+
+def test_checkpoint_loads_as_an_eval_model(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    tiny_config["train"]["max_steps"] = 2
+    Trainer(build_config(tiny_config), tmp_path / "run").fit()
+    model, cfg = load_model(tmp_path / "run")
+    assert not model.training and cfg.model.embedding_dim == 32
+    out = model(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 32)
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"event": "train"' in log and '"event": "checkpoint"' in log and '"images_per_s"' in log
