@@ -20,7 +20,8 @@ UEMBED = [sys.executable, "-m", "uembed.cli"]
 
 
 @pytest.mark.slow
-def test_smoke_training_learns_far_above_chance(tmp_path: Path) -> None:
+def test_smoke_training_learns_far_above_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's data paths are relative to the working directory
     shutil.copy(ROOT / "configs" / "smoke.yaml", tmp_path / "smoke.yaml")
     train = subprocess.run([*UEMBED, "train", "--config", "smoke.yaml", "--out", "runs/smoke",
                             "train.progress=false"], cwd=tmp_path, capture_output=True, text=True, timeout=600)

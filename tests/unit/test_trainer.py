@@ -96,13 +96,15 @@ def test_head_warmup_freezes_the_trunk(tiny_config: dict[str, Any], tmp_path: Pa
     trainer = Trainer(build_config(tiny_config), tmp_path / "run")
     trunk_before = {k: v.clone() for k, v in trainer.model.trunk.state_dict().items()}
     head_before = trainer.model.head.proj.weight.detach().clone()
-    p_before = trainer.model.pool.p.detach().clone()
     images, labels = _batch(trainer)
     trainer.train_step(images, labels)
     for k, v in trainer.model.trunk.state_dict().items():
         assert torch.equal(v, trunk_before[k]), k  # weights and BatchNorm statistics
     assert not torch.equal(trainer.model.head.proj.weight, head_before)
-    assert not torch.equal(trainer.model.pool.p.detach(), p_before)
+    # GeM's p trains too; its first-step update (~1e-8) is below float32 resolution at 3.0,
+    # so check its gradient rather than its value.
+    assert trainer.model.pool.p.grad is not None and float(trainer.model.pool.p.grad.abs()) > 0
+    assert all(p.grad is None for p in trainer.model.trunk.parameters())
 
 
 def test_checkpoint_loads_as_an_eval_model(tiny_config: dict[str, Any], tmp_path: Path) -> None:
