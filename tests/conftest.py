@@ -59,3 +59,26 @@ def tiny_config(synth_dir: Path) -> dict[str, Any]:
 
 def build_config(raw: dict[str, Any], *overrides: str) -> TrainConfig:
     return config_from_dict(copy.deepcopy(raw), list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with a 3-step checkpoint of the tiny config."""
+    from training.train import Trainer
+
+    raw = tiny_config_dict(synth_dir)
+    raw["train"]["max_steps"] = 3
+    run = tmp_path_factory.mktemp("tiny_run")
+    Trainer(config_from_dict(raw), run).fit()
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported to TorchScript and ONNX (parity checked by the export)."""
+    from model_export.export import ExportOptions, export_checkpoint
+
+    out = tmp_path_factory.mktemp("artifact")
+    export_checkpoint(tiny_checkpoint, out, ExportOptions(formats=["torchscript", "onnx"], onnx_simplify="off"),
+                      log=lambda _: None)
+    return out

@@ -27,6 +27,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from model_export.export import ExportOptions, export_checkpoint
+    from model_export.tensorrt import Profile
+
+    opts = ExportOptions(
+        formats=[f.strip() for f in args.formats.split(",") if f.strip()], name=args.name, version=args.version,
+        parity_images=args.parity_images, opset=args.opset, onnx_simplify=args.onnx_simplify,
+        trt_profile=Profile.parse(args.trt_profile), trt_workspace_bytes=int(args.trt_workspace_gb * (1 << 30)),
+        trt_timing_cache=args.trt_timing_cache, torchscript_fp16=args.torchscript_fp16,
+    )
+    manifest = export_checkpoint(args.checkpoint, args.out, opts)
+    print(json.dumps({"artifact": str(manifest.root), "model": manifest.name, "version": manifest.version,
+                      "files": sorted(manifest.files), "parity": manifest.parity}, indent=2))
+    return 0
+
+
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     from training.config import SyntheticDataConfig
     from training.data.synthetic import generate_synthetic
@@ -65,6 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=2, help="image decoding workers")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a checkpoint to TorchScript / ONNX / TensorRT with parity checks")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--out", required=True, help="artifact directory to write (manifest.json + model files)")
+    p.add_argument("--formats", default="torchscript,onnx", help="comma list of torchscript, onnx, tensorrt")
+    p.add_argument("--name", help="model name in the manifest (default: the training config's name)")
+    p.add_argument("--version", help="model version (default: s<step>-<weights sha256 prefix>)")
+    p.add_argument("--parity-images", help="manifest or folder of images for the parity check "
+                   "(default: the config's eval images, else generated synthetic images)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--onnx-simplify", choices=["auto", "on", "off"], default="auto",
+                   help="onnxslim: auto keeps it only if ONNX Runtime gets >= 3%% faster")
+    p.add_argument("--trt-profile", default="1,16,64", help="TensorRT batch profile MIN,OPT,MAX")
+    p.add_argument("--trt-workspace-gb", type=float, default=4.0, help="TensorRT workspace memory-pool limit")
+    p.add_argument("--trt-timing-cache", help="TensorRT timing cache file, read and updated "
+                   "(default: .tensorrt-timing.cache beside the artifact directory)")
+    p.add_argument("--torchscript-fp16", choices=["auto", "on", "off"], default="auto",
+                   help="also export an fp16 TorchScript for CUDA (auto: when CUDA is present)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("data", help="build training/evaluation manifests")
     dsub = p.add_subparsers(dest="source", required=True)
