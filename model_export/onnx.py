@@ -46,7 +46,35 @@ def io_info(proto: Any) -> dict[str, Any]:
     return {"input_name": inputs[0], "output_name": graph.output[0].name}
 
 
-def ort_session(path: Path | str, *, providers: list[str] | None = None, intra_op_threads: int = 0,
+def ort_providers(device: str = "cpu", cache_dir: str | Path | None = None) -> list[Any]:
+    """Execution providers by preference for `device` (cpu | cuda | auto).
+
+    On a GPU with no TensorRT engine in the artifact this is the fallback: ONNX Runtime's
+    TensorRT provider (FP16, engine cache in `cache_dir`), then its CUDA provider, then the CPU,
+    keeping only those this onnxruntime build offers.
+    """
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    chosen: list[Any] = []
+    if device in ("cuda", "auto"):
+        if "TensorrtExecutionProvider" in available:
+            trt_opts: dict[str, Any] = {"trt_fp16_enable": True}
+            if cache_dir is not None:
+                trt_opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                             "trt_timing_cache_enable": True}
+            chosen.append(("TensorrtExecutionProvider", trt_opts))
+        if "CUDAExecutionProvider" in available:
+            chosen.append("CUDAExecutionProvider")
+        if device == "cuda" and not chosen:
+            raise RuntimeError(
+                "device cuda asked for, but this onnxruntime has no CUDA or TensorRT provider "
+                f"(it has {sorted(available)}): install onnxruntime-gpu")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def ort_session(path: Path | str, *, providers: list[Any] | None = None, intra_op_threads: int = 0,
                 inter_op_threads: int = 1) -> Any:
     """An ONNX Runtime session tuned for batch inference: all graph optimizations, sequential
     execution, intra-op threads = physical cores unless given (0 lets ORT decide)."""

@@ -120,3 +120,18 @@ def test_export_cli_rejects_unknown_format_and_missing_tensorrt(tiny_checkpoint:
             export_checkpoint(tiny_checkpoint, tmp_path / "y", ExportOptions(formats=["tensorrt"]))
         assert why
     assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_ort_providers_fall_back_in_order() -> None:
+    import onnxruntime as ort
+
+    from model_export.onnx import ort_providers
+
+    assert ort_providers("cpu") == ["CPUExecutionProvider"]
+    auto = ort_providers("auto", cache_dir="/tmp/x")
+    assert auto[-1] == "CPUExecutionProvider"
+    names = [p[0] if isinstance(p, tuple) else p for p in auto]
+    assert set(names) <= set(ort.get_available_providers())
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+            ort_providers("cuda")
