@@ -43,6 +43,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    return serve(given)
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per service setting; only flags given on the command line override UEMBED_* variables."""
+    import typing
+
+    from service.config import Settings
+
+    for name, f in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        helptext = f"{f.description} (env UEMBED_{name.upper()}; default {f.default})"
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": helptext}
+        if f.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(f.annotation) is typing.Literal:
+            p.add_argument(flag, choices=list(typing.get_args(f.annotation)), **kw)
+        else:
+            p.add_argument(flag, type=f.annotation, **kw)
+
+
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     from training.config import SyntheticDataConfig
     from training.data.synthetic import generate_synthetic
@@ -100,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchscript-fp16", choices=["auto", "on", "off"], default="auto",
                    help="also export an fp16 TorchScript for CUDA (auto: when CUDA is present)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="serve an artifact over HTTP: POST images to /embed")
+    _add_settings_flags(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("data", help="build training/evaluation manifests")
     dsub = p.add_subparsers(dest="source", required=True)

@@ -1,0 +1,1 @@
+"""The embedding service: FastAPI + uvicorn, dynamic batching, float and binary embeddings."""

@@ -1,0 +1,252 @@
+"""HTTP routes: POST /embed, GET /healthz, /readyz, /v1/model, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.batcher import Batcher
+from service.decode import RAW_CONTENT_TYPES, ApiError
+from service.encoding import OUTPUTS, encode
+from service.state import ServiceState
+
+router = APIRouter()
+DEADLINE_HEADER = "x-request-timeout-ms"
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.uembed
+
+
+def get_batcher(state: Annotated[ServiceState, Depends(get_state)]) -> Batcher:
+    if state.batcher is None or not state.ready:
+        raise ApiError(503, "not_ready", "the model is loading or the server is shutting down",
+                       headers={"Retry-After": "1"})
+    return state.batcher
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+# -- reading the payload ------------------------------------------------------------------------
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "request_too_large", f"the body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "request_too_large", f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _once(body: bytes) -> AsyncGenerator[bytes, None]:
+    yield body
+
+
+async def parse_images(request: Request, body: bytes, max_images: int) -> list[bytes]:
+    """The encoded images of a request, in order; ApiError for anything malformed."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not body:
+        raise ApiError(400, "empty_body", "the request body is empty; send an image, a multipart form or JSON")
+    if ctype == "multipart/form-data":
+        try:
+            form = await MultiPartParser(request.headers, _once(body), max_files=max_images + 1,
+                                         max_fields=max_images + 16).parse()
+        except MultiPartException as e:
+            raise ApiError(400, "invalid_multipart", f"the multipart body cannot be parsed: {e.message}") from None
+        try:
+            blobs = []
+            for key, value in form.multi_items():
+                if key != "image":
+                    raise ApiError(400, "invalid_multipart", f"unexpected form field {key!r}; send files as 'image'")
+                if isinstance(value, UploadFile):
+                    blobs.append(await value.read())
+                else:
+                    blobs.append(value.encode("latin-1") if isinstance(value, str) else bytes(value))
+        finally:
+            await form.close()
+        if not blobs:
+            raise ApiError(400, "no_images", "the form has no 'image' field")
+    elif ctype == "application/json":
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+        images = payload.get("images") if isinstance(payload, dict) else None
+        if not isinstance(images, list):
+            raise ApiError(400, "invalid_json", 'expected {"images": ["<base64>", ...]}')
+        if not images:
+            raise ApiError(400, "no_images", '"images" is empty')
+        if len(images) > max_images:
+            raise _too_many(len(images), max_images)
+        blobs = []
+        for i, item in enumerate(images):
+            if not isinstance(item, str):
+                raise ApiError(400, "invalid_base64", "each image must be a base64 string", i).at(i)
+            try:
+                blobs.append(base64.b64decode(_strip_data_url(item), validate=True))
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "invalid_base64", "not valid base64").at(i) from None
+    elif ctype in RAW_CONTENT_TYPES or ctype == "":
+        blobs = [body]
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"content type {ctype!r} is not accepted; send {', '.join(RAW_CONTENT_TYPES)}, "
+                       "multipart/form-data or application/json")
+    if len(blobs) > max_images:
+        raise _too_many(len(blobs), max_images)
+    return blobs
+
+
+def _strip_data_url(text: str) -> str:
+    if text.startswith("data:") and "," in text:
+        return text.split(",", 1)[1]
+    return text
+
+
+def _too_many(n: int, limit: int) -> ApiError:
+    return ApiError(413, "too_many_images", f"{n} images in one request; the limit is {limit}")
+
+
+def _deadline(request: Request, state: ServiceState) -> float:
+    settings = state.settings
+    raw = request.headers.get(DEADLINE_HEADER)
+    ms = settings.request_timeout_ms
+    if raw is not None:
+        try:
+            ms = float(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_timeout", f"{DEADLINE_HEADER} must be a number of milliseconds") from None
+        if not 0 < ms <= settings.max_request_timeout_ms:
+            raise ApiError(400, "invalid_timeout",
+                           f"{DEADLINE_HEADER} must be in (0, {settings.max_request_timeout_ms:g}]")
+    return time.monotonic() + ms / 1000.0
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so receive() waits for that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -- routes -------------------------------------------------------------------------------------
+@router.post("/embed", summary="Embed one or more images", response_class=Response)
+async def embed(
+    request: Request,
+    batcher: Annotated[Batcher, Depends(get_batcher)],
+    state: Annotated[ServiceState, Depends(get_state)],
+    output: Annotated[str, Query(description="float | binary | both")] = "both",
+) -> Response:
+    settings, metrics = state.settings, state.metrics
+    if output not in OUTPUTS:
+        raise ApiError(400, "unknown_output", f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
+    deadline = _deadline(request, state)
+    body = await read_body(request, settings.max_request_bytes)
+    blobs = await parse_images(request, body, settings.max_images_per_request)
+    del body
+    if await request.is_disconnected():
+        state.client_gone()
+        return Response(status_code=499)
+
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, state.decode_one, b) for b in blobs),
+                                   return_exceptions=True)
+    for i, result in enumerate(decoded):
+        if isinstance(result, ApiError):
+            raise result.at(i) if len(blobs) > 1 else result
+        if isinstance(result, BaseException):
+            raise ApiError(400, "corrupt_image", f"cannot decode: {type(result).__name__}: {result}").at(i)
+    images = np.stack(decoded)  # type: ignore[arg-type]
+    decode_seconds = time.perf_counter() - t0
+    if await request.is_disconnected():
+        state.client_gone()
+        return Response(status_code=499)
+
+    job = batcher.submit(images, deadline)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({job.future, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if job.future not in done:
+        if watcher in done:
+            job.cancel("client_disconnected")
+            state.client_gone()
+            return Response(status_code=499)
+        job.cancel("deadline_exceeded")
+        raise ApiError(504, "deadline_exceeded", "the request did not finish before its deadline")
+    embeddings = job.future.result()  # raises the batch's ApiError (500, 504) if it failed
+
+    metrics.images.inc(len(blobs))
+    payload = {
+        "model": state.manifest.name, "version": state.manifest.version, "dim": state.manifest.embedding_dim,
+        "backend": state.backend.name, "precision": state.backend.precision,
+        "weights_sha256": state.manifest.weights_sha256[:12],
+        "embeddings": encode(embeddings, output),  # type: ignore[arg-type]
+    }
+    headers = {
+        "X-Queue-Time": f"{job.queue_seconds * 1000:.3f}",
+        "X-Inference-Time": f"{job.inference_seconds * 1000:.3f}",
+        "X-Decode-Time": f"{decode_seconds * 1000:.3f}",
+    }
+    return json_response(payload, headers=headers)
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> Response:
+    return json_response({"status": "alive"})
+
+
+@router.get("/readyz", summary="Readiness: model loaded, warmed up, batcher alive")
+async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
+    ready = state.is_ready()
+    body = {"ready": ready, "batcher_alive": state.batcher is not None and state.batcher.alive,
+            "draining": state.draining}
+    return json_response(body, status=200 if ready else 503)
+
+
+@router.get("/v1/model", summary="The served model and the server's limits")
+async def model_info(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
+    if state.manifest is None or state.backend is None:
+        raise ApiError(503, "not_ready", "the model is still loading", headers={"Retry-After": "1"})
+    s = state.settings
+    m = state.manifest
+    return json_response({
+        "model": m.name, "version": m.version, "dim": m.embedding_dim,
+        "weights_sha256": m.weights_sha256, "trunk": m.data["model"].get("trunk"),
+        "preprocess": m.preprocess, "binary": m.data.get("binary"),
+        "backend": state.backend.health(), "parity": m.parity,
+        "limits": {
+            "max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "max_queue_images": s.max_queue_images,
+            "request_timeout_ms": s.request_timeout_ms, "max_request_timeout_ms": s.max_request_timeout_ms,
+            "max_images_per_request": s.max_images_per_request, "max_image_bytes": s.max_image_bytes,
+            "max_request_bytes": s.max_request_bytes, "max_image_pixels": s.max_image_pixels,
+        },
+    })
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+async def metrics(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
+    state.metrics.ready.set(1 if state.is_ready() else 0)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,148 @@
+"""`create_app(settings) -> FastAPI`: nothing is built at import time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model_export.manifest import load_manifest
+from service.api import json_response, router
+from service.backends import Backend, BackendError, load_backend
+from service.batcher import Batcher
+from service.config import Settings
+from service.decode import ApiError
+from service.metrics import Metrics
+from service.state import ServiceState
+from uembed.preprocess import PreprocessSpec
+
+log = logging.getLogger("uembed.service")
+
+# Files each backend reads; only those (and the weights) are hashed at start.
+BACKEND_FILES = {"onnxruntime": ["onnx"], "torchscript": ["torchscript"], "tensorrt": ["tensorrt"]}
+
+
+def failure_reason(status: int, code: str) -> str:
+    if code in ("queue_full", "deadline_exceeded", "inference_failed", "not_ready"):
+        return code
+    if code == "shutting_down":
+        return "not_ready"
+    return "bad_request" if 400 <= status < 500 else "inference_failed"
+
+
+class RequestMetricsMiddleware:
+    """Times every /embed request end to end and counts it by status (pure ASGI: no body copies)."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/embed":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.state.metrics
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(str(status)).inc()
+            metrics.request_seconds.labels(f"{status // 100}xx").observe(time.perf_counter() - t0)
+
+
+def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
+    """The service. `backend` replaces the one the settings name (tests use a deterministic fake)."""
+    state = ServiceState(settings, Metrics(settings.max_batch_size))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        verify = ["weights", *BACKEND_FILES.get(settings.backend, [])] if settings.verify_sha256 else False
+        manifest = load_manifest(settings.model, verify=verify if backend is None else False)
+        state.manifest = manifest
+        state.spec = PreprocessSpec.from_dict(manifest.preprocess)
+        state.backend = backend or load_backend(settings.backend, manifest, settings)
+        if settings.max_batch_size > state.backend.max_batch_size:
+            raise BackendError(f"max_batch_size {settings.max_batch_size} exceeds what the {state.backend.name} "
+                               f"backend accepts ({state.backend.max_batch_size})")
+        state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="uembed-decode")
+        state.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="uembed-infer")
+        state.metrics.model_info.info({
+            "name": manifest.name, "version": manifest.version, "dim": str(manifest.embedding_dim),
+            "backend": state.backend.name, "precision": state.backend.precision, "device": state.backend.device,
+            "weights_sha256": manifest.weights_sha256[:12]})
+        if settings.warmup:
+            size = state.spec.input_size
+            warm = np.zeros((settings.max_batch_size, 3, size, size), dtype=np.float32)
+            for _ in range(2):
+                state.infer_pool.submit(state.backend.embed, warm).result()
+        state.batcher = Batcher(
+            state.backend.embed, max_batch=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
+            max_queue_images=settings.max_queue_images, metrics=state.metrics, executor=state.infer_pool,
+            embedding_dim=manifest.embedding_dim)
+        state.batcher.start()
+        state.ready = True
+        state.metrics.ready.set(1)
+        log.info("serving %s %s with %s on %s (%s)", manifest.name, manifest.version, state.backend.name,
+                 state.backend.device, state.backend.precision)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.draining = True
+            state.metrics.ready.set(0)
+            await state.batcher.close(settings.drain_timeout_s)
+            state.infer_pool.shutdown(wait=True)
+            state.decode_pool.shutdown(wait=True)
+
+    app = FastAPI(
+        title="uembed", version="1", lifespan=lifespan,
+        summary="Unified visual embeddings: POST images to /embed, get float and binary embeddings.",
+    )
+    app.state.uembed = state
+    app.include_router(router)
+    app.add_middleware(RequestMetricsMiddleware, state=state)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> object:
+        state.metrics.failures.labels(failure_reason(err.status, err.code)).inc()
+        body: dict[str, object] = {"error": err.code, "detail": err.detail}
+        if err.index is not None:
+            body["index"] = err.index
+        return json_response(body, status=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> object:
+        state.metrics.failures.labels("bad_request").inc()
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        return json_response({"error": "invalid_request", "detail": detail}, status=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> object:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return json_response({"error": code, "detail": str(err.detail)}, status=err.status_code,
+                             headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> object:
+        log.exception("unhandled error")
+        state.metrics.failures.labels("internal").inc()
+        return json_response({"error": "internal", "detail": f"{type(err).__name__}: {err}"}, status=500)
+
+    return app

@@ -1,0 +1,32 @@
+"""The backend contract: load from a manifest, embed a batch, report health and batch limits."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from uembed.errors import UserError
+
+
+class BackendError(UserError):
+    """The backend cannot serve this artifact here (missing file, package, GPU, mismatch)."""
+
+
+class Backend(ABC):
+    name: str = "base"
+    precision: str = "fp32"
+    device: str = "cpu"
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest batch `embed` accepts."""
+        return 4096
+
+    @abstractmethod
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) float32 -> (N, D) float32. Called from one inference thread at a time."""
+
+    def health(self) -> dict[str, Any]:
+        return {"backend": self.name, "device": self.device, "precision": self.precision}

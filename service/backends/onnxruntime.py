@@ -1,0 +1,36 @@
+"""ONNX Runtime: the CPU default; on a GPU its TensorRT / CUDA execution providers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from model_export.manifest import Manifest
+from model_export.onnx import ort_providers, ort_session
+from service.backends.base import Backend, BackendError
+from service.config import Settings
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, settings: Settings) -> None:
+        path = manifest.path("onnx")
+        device = settings.device
+        try:
+            providers = ort_providers(device, cache_dir=Path(manifest.root) / ".ort-cache")
+        except RuntimeError as e:
+            raise BackendError(str(e)) from e
+        self.session = ort_session(path, providers=providers, intra_op_threads=settings.intra_op_threads)
+        active = self.session.get_providers()
+        self.device = "cuda" if any(p != "CPUExecutionProvider" for p in active) else "cpu"
+        self.precision = "fp16" if active and active[0] == "TensorrtExecutionProvider" else "fp32"
+        self.providers = active
+        self.input_name = self.session.get_inputs()[0].name
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def health(self) -> dict[str, object]:
+        return super().health() | {"providers": self.providers}

@@ -1,0 +1,59 @@
+"""Server settings: one class, each field an environment variable (UEMBED_<NAME>) and a CLI flag
+(--name-with-dashes) whose help text is the field's description. Built in `main()` and passed
+down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UEMBED_", extra="forbid", frozen=True)
+
+    model: str = Field("models/default", description="artifact directory written by `uembed export`")
+    backend: Literal["onnxruntime", "torchscript", "tensorrt"] = Field(
+        "onnxruntime", description="inference backend: onnxruntime (CPU; CUDA/TensorRT providers when present), "
+        "torchscript (CPU; CUDA fp16), tensorrt (engine file, CUDA)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="cpu, cuda, or auto (cuda when a GPU is visible)")
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="most images in one inference batch")
+    max_wait_ms: float = Field(
+        4.0, ge=0, le=1000, description="longest time the first image of a batch waits for others to join it")
+    max_queue_images: int = Field(
+        256, ge=1, description="queued images (all requests) above which new requests get 429 at once")
+    request_timeout_ms: float = Field(
+        10_000, gt=0, description="default per-request deadline; a request header X-Request-Timeout-Ms may "
+        "shorten or lengthen it up to max_request_timeout_ms")
+    max_request_timeout_ms: float = Field(60_000, gt=0, description="largest deadline a client may ask for")
+    max_images_per_request: int = Field(32, ge=1, description="most images in one request")
+    max_image_bytes: int = Field(16 << 20, ge=1024, description="largest encoded image, bytes")
+    max_request_bytes: int = Field(64 << 20, ge=1024, description="largest request body, bytes")
+    max_image_pixels: int = Field(
+        50_000_000, ge=64, description="largest decoded image, width x height (decompression-bomb guard)")
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and preprocessing images")
+    intra_op_threads: int = Field(
+        0, ge=0, description="inference threads for CPU backends (0: the runtime's default, physical cores)")
+    drain_timeout_s: float = Field(
+        20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
+    verify_sha256: bool = Field(True, description="verify the artifact files' sha256 at start")
+    warmup: bool = Field(True, description="run a batch of max_batch_size before reporting ready")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="uvicorn log level")
+    access_log: bool = Field(False, description="log every request (uvicorn access log)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_queue_images < self.max_batch_size:
+            raise ValueError(f"max_queue_images ({self.max_queue_images}) must be >= max_batch_size "
+                             f"({self.max_batch_size})")
+        if self.max_image_bytes > self.max_request_bytes:
+            raise ValueError("max_image_bytes must be <= max_request_bytes")
+        if self.request_timeout_ms > self.max_request_timeout_ms:
+            raise ValueError("request_timeout_ms must be <= max_request_timeout_ms")
+        return self
