@@ -67,9 +67,11 @@ async def parse_images(request: Request, body: bytes, max_images: int) -> list[b
         raise ApiError(400, "empty_body", "the request body is empty; send an image, a multipart form or JSON")
     if ctype == "multipart/form-data":
         try:
-            form = await MultiPartParser(request.headers, _once(body), max_files=max_images + 1,
+            form = await MultiPartParser(request.headers, _once(body), max_files=max_images,
                                          max_fields=max_images + 16).parse()
         except MultiPartException as e:
+            if "Too many files" in e.message:
+                raise _too_many(max_images + 1, max_images) from None
             raise ApiError(400, "invalid_multipart", f"the multipart body cannot be parsed: {e.message}") from None
         try:
             blobs = []
@@ -83,7 +85,8 @@ async def parse_images(request: Request, body: bytes, max_images: int) -> list[b
         finally:
             await form.close()
         if not blobs:
-            raise ApiError(400, "no_images", "the form has no 'image' field")
+            raise ApiError(400, "invalid_multipart",
+                           "no form part could be read (check the boundary and the parts' headers)")
     elif ctype == "application/json":
         try:
             payload = orjson.loads(body)

@@ -175,7 +175,6 @@ class Batcher:
                 for job in {s.job for s in slices}:
                     self._fail(job, err)
                     job.cancel("inference_failed")  # its images still queued must not run
-                self.metrics.failures.labels("inference_failed").inc()
                 continue
             dt = time.perf_counter() - t0
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * dt

@@ -1,0 +1,281 @@
+"""The service over real HTTP: a real uvicorn server on 127.0.0.1, real encoded images."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.app import create_app
+from service.config import Settings
+from tests.service_helpers import EchoBackend, ServerThread, echo_value, encode_image, grey_value, photo, solid
+
+CPU_BACKENDS = ["onnxruntime", "torchscript"]
+SNAPSHOT = Path(__file__).with_name("openapi_snapshot.json")
+
+
+def settings(artifact: Path, **kw: Any) -> Settings:
+    base = {"model": str(artifact), "max_batch_size": 4, "max_wait_ms": 10.0, "decode_threads": 2}
+    return Settings(**(base | kw))
+
+
+@pytest.fixture(scope="module", params=CPU_BACKENDS)
+def real(request: pytest.FixtureRequest, tiny_artifact: Path) -> Iterator[ServerThread]:
+    with ServerThread(create_app(settings(tiny_artifact, backend=request.param))) as server:
+        yield server
+
+
+def vectors(resp: httpx.Response) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    return np.array([e["float"] for e in resp.json()["embeddings"]], dtype=np.float32)
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+# -- real model, every CPU backend ---------------------------------------------------------------
+def test_every_input_form_gives_the_same_embedding(real: ServerThread) -> None:
+    img = Image.open(__import__("io").BytesIO(photo(7, size=(80, 60), fmt="PNG"))).convert("RGB")
+    forms = {fmt: encode_image(img, fmt) for fmt in ("PNG", "BMP", "TIFF", "GIF")}
+    ref = vectors(httpx.post(f"{real.url}/embed", content=forms["PNG"], headers={"content-type": "image/png"}))
+    assert ref.shape == (1, 32)
+    np.testing.assert_allclose(np.linalg.norm(ref, axis=1), 1.0, atol=1e-5)
+    for fmt, ctype in (("BMP", "image/bmp"), ("TIFF", "image/tiff")):  # lossless: identical input pixels
+        got = vectors(httpx.post(f"{real.url}/embed", content=forms[fmt], headers={"content-type": ctype}))
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+    octet = vectors(httpx.post(f"{real.url}/embed", content=forms["PNG"],
+                               headers={"content-type": "application/octet-stream"}))
+    np.testing.assert_allclose(octet, ref, atol=1e-5)
+    multi = vectors(httpx.post(f"{real.url}/embed", files=[("image", ("a.png", forms["PNG"], "image/png")),
+                                                           ("image", ("b.gif", forms["GIF"], "image/gif"))]))
+    assert multi.shape == (2, 32)
+    np.testing.assert_allclose(multi[0], ref[0], atol=1e-5)
+    js = vectors(httpx.post(f"{real.url}/embed", json={"images": [base64.b64encode(forms["PNG"]).decode()]}))
+    np.testing.assert_allclose(js, ref, atol=1e-5)
+    for fmt, ctype in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
+        lossy = vectors(httpx.post(f"{real.url}/embed", content=encode_image(img, fmt, quality=95),
+                                   headers={"content-type": ctype}))
+        assert float(lossy[0] @ ref[0]) > 0.95
+
+
+def test_binary_is_the_packed_sign_of_float_and_provenance_is_there(real: ServerThread) -> None:
+    resp = httpx.post(f"{real.url}/embed", content=photo(8))
+    body = resp.json()
+    assert body["dim"] == 32 and body["model"] == "tiny" and body["version"].startswith("s3-")
+    assert body["backend"] in CPU_BACKENDS and body["precision"] == "fp32" and len(body["weights_sha256"]) == 12
+    vec = np.array(body["embeddings"][0]["float"])
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(body["embeddings"][0]["binary"]), dtype=np.uint8))
+    np.testing.assert_array_equal(bits[:32], (vec > 0).astype(np.uint8))
+    for header in ("x-queue-time", "x-inference-time"):
+        assert float(resp.headers[header]) >= 0
+    only_bin = httpx.post(f"{real.url}/embed?output=binary", content=photo(8)).json()["embeddings"][0]
+    only_float = httpx.post(f"{real.url}/embed?output=float", content=photo(8)).json()["embeddings"][0]
+    assert set(only_bin) == {"binary"} and set(only_float) == {"float"}
+
+
+def test_a_request_spanning_batches_comes_back_in_order(real: ServerThread) -> None:
+    images = [photo(100 + i) for i in range(11)]  # max_batch_size 4: at least 3 batches
+    alone = np.concatenate([vectors(httpx.post(f"{real.url}/embed", content=b)) for b in images])
+    together = vectors(httpx.post(f"{real.url}/embed", files=[("image", (f"{i}.jpg", b, "image/jpeg"))
+                                                               for i, b in enumerate(images)]))
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_concurrent_requests_are_batched(real: ServerThread) -> None:
+    before_count = metric(real.url, "uembed_batch_size_count")
+    before_sum = metric(real.url, "uembed_batch_size_sum")
+    with httpx.Client() as client, ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda i: client.post(f"{real.url}/embed", content=photo(i)).status_code, range(48)))
+    assert codes == [200] * 48
+    batches = metric(real.url, "uembed_batch_size_count") - before_count
+    images = metric(real.url, "uembed_batch_size_sum") - before_sum
+    assert images == 48 and batches < 48  # several images shared a forward pass
+
+
+def test_health_model_and_metrics(real: ServerThread) -> None:
+    assert httpx.get(f"{real.url}/healthz").json() == {"status": "alive"}
+    assert httpx.get(f"{real.url}/readyz").json()["ready"] is True
+    info = httpx.get(f"{real.url}/v1/model").json()
+    assert info["dim"] == 32 and info["limits"]["max_batch_size"] == 4 and info["preprocess"]["input_size"] == 32
+    text = httpx.get(f"{real.url}/metrics").text
+    for name in ("uembed_request_seconds_bucket", "uembed_queue_wait_seconds_bucket", "uembed_decode_seconds_bucket",
+                 "uembed_inference_seconds_bucket", "uembed_batch_size_bucket", "uembed_batch_fill_ratio_bucket",
+                 "uembed_queue_depth_images", "uembed_requests_in_flight", "uembed_model_info", 'reason="queue_full"'):
+        assert name in text, name
+
+
+def test_metrics_exist_before_the_first_request(tiny_artifact: Path) -> None:
+    with ServerThread(create_app(settings(tiny_artifact))) as server:
+        text = httpx.get(f"{server.url}/metrics").text
+    assert "uembed_request_seconds_bucket" in text and "uembed_failures_total" in text
+    assert 'uembed_model_info{' in text and "uembed_ready 1.0" in text
+
+
+def test_openapi_matches_the_snapshot(real: ServerThread) -> None:
+    spec = httpx.get(f"{real.url}/openapi.json").json()
+    shape = {path: {method: {"summary": op.get("summary"),
+                             "parameters": sorted(p["name"] for p in op.get("parameters", []))}
+                    for method, op in ops.items()} for path, ops in spec["paths"].items()}
+    assert shape == json.loads(SNAPSHOT.read_text())
+    assert httpx.get(f"{real.url}/docs").status_code == 200
+
+
+# -- deterministic fake backend: errors, overload, deadlines ------------------------------------------
+def echo_app(artifact: Path, backend: EchoBackend, **kw: Any):
+    return create_app(settings(artifact, **kw), backend=backend)
+
+
+def _bad_inputs(max_image_bytes: int) -> list[tuple[str, dict[str, Any], int, str]]:
+    good = solid(100)
+    return [
+        ("empty body", {"content": b""}, 400, "empty_body"),
+        ("not an image", {"content": b"plain text, not pixels"}, 400, "not_an_image"),
+        ("truncated", {"content": photo(1, fmt="PNG")[:150]}, 400, "truncated_image"),
+        ("unsupported type", {"content": good, "headers": {"content-type": "text/plain"}}, 415,
+         "unsupported_media_type"),
+        ("request too large", {"content": b"x" * 300_000}, 413, "request_too_large"),
+        ("image too large", {"content": photo(2, size=(600, 600), fmt="BMP")[: max_image_bytes + 10]}, 413,
+         "image_too_large"),
+        ("too many pixels", {"content": encode_image(Image.new("1", (3000, 3000)), "PNG")}, 413, "too_many_pixels"),
+        ("bad base64", {"json": {"images": [base64.b64encode(good).decode(), "%%%"]}}, 400, "invalid_base64"),
+        ("malformed json", {"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 400,
+         "invalid_json"),
+        ("json without images", {"json": {"pictures": []}}, 400, "invalid_json"),
+        ("empty image list", {"json": {"images": []}}, 400, "no_images"),
+        ("malformed multipart", {"content": b"--x\r\nnonsense", "headers": {
+            "content-type": "multipart/form-data; boundary=x"}}, 400, "invalid_multipart"),
+        ("wrong form field", {"files": [("photo", ("a.png", good, "image/png"))]}, 400, "invalid_multipart"),
+        ("too many images", {"files": [("image", (f"{i}.png", good, "image/png")) for i in range(6)]}, 413,
+         "too_many_images"),
+        ("one bad image of three", {"files": [("image", ("a.png", good, "image/png")),
+                                              ("image", ("b.png", b"junk", "image/png")),
+                                              ("image", ("c.png", good, "image/png"))]}, 400, "not_an_image"),
+        ("unknown output", {"content": good, "params": {"output": "hex"}}, 400, "unknown_output"),
+        ("bad deadline header", {"content": good, "headers": {"x-request-timeout-ms": "soon"}}, 400,
+         "invalid_timeout"),
+        ("empty image in a form", {"files": [("image", ("a.png", b"", "image/png"))]}, 400, "empty_image"),
+    ]
+
+
+def test_bad_inputs_get_clear_4xx_and_the_server_keeps_answering(tiny_artifact: Path) -> None:
+    backend = EchoBackend(32)
+    cases = _bad_inputs(max_image_bytes=100_000)
+    with ServerThread(echo_app(tiny_artifact, backend, max_images_per_request=5, max_request_bytes=200_000,
+                               max_image_bytes=100_000, max_image_pixels=4_000_000)) as server, httpx.Client() as c:
+        for name, kwargs, status, code in cases:
+            kwargs = dict(kwargs)
+            params = kwargs.pop("params", None)
+            resp = c.post(f"{server.url}/embed", params=params, **kwargs)
+            assert resp.status_code == status, (name, resp.text)
+            body = resp.json()
+            assert body["error"] == code and body["detail"], (name, body)
+            if name in ("bad base64", "one bad image of three"):
+                assert body["index"] == 1 and "image 1" in body["detail"], body
+            ok = c.post(f"{server.url}/embed", content=solid(10 * len(name)))
+            assert ok.status_code == 200, (name, ok.text)
+            assert echo_value(ok.json()["embeddings"][0]["float"]) == pytest.approx(grey_value(10 * len(name)),
+                                                                                    abs=1e-4)
+        assert metric(server.url, 'uembed_failures_total{reason="bad_request"}') == len(cases)
+    assert len(cases) >= 12
+
+
+def test_echo_order_across_batches_and_concurrency(tiny_artifact: Path) -> None:
+    backend = EchoBackend(32, delay_s=0.01)
+    levels = list(range(20, 240, 13))
+    with ServerThread(echo_app(tiny_artifact, backend, max_batch_size=3)) as server, httpx.Client() as c:
+        def one(offset: int) -> list[float]:
+            files = [("image", (f"{lv}.png", solid(lv + offset), "image/png")) for lv in levels]
+            resp = c.post(f"{server.url}/embed?output=float", files=files)
+            return [echo_value(e["float"]) for e in resp.json()["embeddings"]]
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, range(4)))
+    for offset, got in enumerate(results):
+        assert got == pytest.approx([grey_value(lv + offset) for lv in levels], abs=1e-4)
+    assert max(backend.batches) == 3
+
+
+def test_a_backend_failure_fails_only_its_batch(tiny_artifact: Path) -> None:
+    backend = EchoBackend(32, poison=grey_value(66))
+    with ServerThread(echo_app(tiny_artifact, backend, max_wait_ms=0.0)) as server, httpx.Client() as c:
+        bad = c.post(f"{server.url}/embed", content=solid(66))
+        assert bad.status_code == 500 and bad.json()["error"] == "inference_failed"
+        assert "poisoned" in bad.json()["detail"]
+        good = c.post(f"{server.url}/embed", content=solid(67))
+        assert good.status_code == 200
+        assert c.get(f"{server.url}/readyz").status_code == 200
+        assert metric(server.url, 'uembed_failures_total{reason="inference_failed"}') == 1
+
+
+def test_overload_gets_429_with_retry_after_and_no_5xx(tiny_artifact: Path) -> None:
+    backend = EchoBackend(32, delay_s=0.1)
+    with ServerThread(echo_app(tiny_artifact, backend, max_batch_size=2, max_queue_images=4)) as server, \
+            httpx.Client(limits=httpx.Limits(max_connections=64)) as c, ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda i: c.post(f"{server.url}/embed", content=solid(i)), range(32)))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert r.json()["error"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+        assert metric(server.url, 'uembed_failures_total{reason="queue_full"}') == codes.count(429)
+
+
+def test_deadline_gives_504_and_the_images_leave_the_queue(tiny_artifact: Path) -> None:
+    backend = EchoBackend(32, delay_s=0.3)
+    with ServerThread(echo_app(tiny_artifact, backend, max_batch_size=1, max_wait_ms=0.0)) as server, \
+            httpx.Client() as c, ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(c.post, f"{server.url}/embed", content=solid(1))
+        import time
+
+        time.sleep(0.05)  # the first request occupies the backend
+        late = c.post(f"{server.url}/embed", content=solid(2), headers={"x-request-timeout-ms": "50"})
+        assert late.status_code == 504 and late.json()["error"] == "deadline_exceeded"
+        assert slow.result().status_code == 200
+        time.sleep(0.4)
+        assert backend.batches == [1] * (1 + 2)  # the warm-up batches (max_batch_size 1) and the slow request
+        assert metric(server.url, 'uembed_dropped_images_total{reason="deadline_exceeded"}') == 1
+
+
+def test_a_client_that_disconnects_is_dropped_before_inference(tiny_artifact: Path) -> None:
+    import time
+
+    backend = EchoBackend(32, delay_s=0.3)
+    with ServerThread(echo_app(tiny_artifact, backend, max_batch_size=1, max_wait_ms=0.0)) as server, \
+            ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(httpx.post, f"{server.url}/embed", content=solid(1))
+        time.sleep(0.05)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}/embed", content=solid(2), timeout=0.1)  # gives up while queued
+        assert slow.result().status_code == 200
+        time.sleep(0.5)
+        assert len(backend.batches) == 2 + 1  # warm-up, the slow request; never the abandoned one
+        assert metric(server.url, 'uembed_failures_total{reason="client_disconnected"}') == 1
+        assert metric(server.url, 'uembed_dropped_images_total{reason="client_disconnected"}') == 1
+
+
+def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
+    app = echo_app(tiny_artifact, EchoBackend(32))
+    with ServerThread(app) as server:
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        batcher = app.state.uembed.batcher
+        server.server.config.loop  # noqa: B018
+        batcher._task.get_loop().call_soon_threadsafe(batcher._task.cancel)
+        import time
+
+        time.sleep(0.1)
+        resp = httpx.get(f"{server.url}/readyz")
+        assert resp.status_code == 503 and resp.json()["batcher_alive"] is False
+        assert httpx.post(f"{server.url}/embed", content=solid(5)).status_code == 503

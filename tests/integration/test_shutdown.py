@@ -1,0 +1,72 @@
+"""`uembed serve` as a real process: SIGTERM while requests are in flight answers all of them, exit 0."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service_helpers import photo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _in_flight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(re.search(r"^uembed_requests_in_flight ([0-9.]+)$", text, re.M).group(1))
+
+
+@pytest.mark.slow
+def test_sigterm_answers_every_request_in_flight_then_exits_0(tiny_artifact: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uembed.cli", "serve", "--model", str(tiny_artifact), "--host", "127.0.0.1",
+         "--port", str(port), "--max-batch-size", "2", "--max-wait-ms", "1", "--decode-threads", "1",
+         "--drain-timeout-s", "30", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        # 24 requests x 6 large JPEGs: seconds of decoding on one decode thread.
+        payloads = [[("image", (f"{i}-{j}.jpg", photo(i * 10 + j, size=(1024, 768)), "image/jpeg"))
+                     for j in range(6)] for i in range(24)]
+        client = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=32))
+        with ThreadPoolExecutor(24) as pool:
+            futures = [pool.submit(client.post, f"{url}/embed?output=binary", files=p) for p in payloads]
+            while _in_flight(url) < 12:
+                assert not all(f.done() for f in futures), "everything finished before SIGTERM could be sent"
+                time.sleep(0.01)
+            in_flight = _in_flight(url)
+            proc.send_signal(signal.SIGTERM)
+            codes = [f.result().status_code for f in futures]
+        client.close()
+        assert in_flight >= 12
+        assert codes == [200] * 24
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+    assert "Traceback" not in out, out[-3000:]

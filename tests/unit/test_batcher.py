@@ -1,0 +1,162 @@
+"""Batch collection (pure) and the asyncio batcher with a fake embed function."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, Job, collect_batch
+from service.decode import ApiError
+from service.metrics import Metrics
+
+
+def job(n: int, deadline: float = 1e18, tag: float = 0.0) -> Job:
+    images = np.full((n, 3, 2, 2), tag, dtype=np.float32)
+    images[:, 0, 0, 0] = tag + np.arange(n)
+    return Job(images, deadline, future=None)  # type: ignore[arg-type]
+
+
+def test_collect_takes_up_to_n_in_order_and_splits_a_job() -> None:
+    a, b, c = job(3), job(4), job(2)
+    pending = deque([a, b, c])
+    slices, dropped = collect_batch(pending, 5, now=0.0)
+    assert [(s.job, s.start, s.stop) for s in slices] == [(a, 0, 3), (b, 0, 2)]
+    assert not dropped and list(pending) == [b, c] and b.taken == 2
+    slices, _ = collect_batch(pending, 5, now=0.0)
+    assert [(s.job, s.start, s.stop) for s in slices] == [(b, 2, 4), (c, 0, 2)]
+    assert not pending
+
+
+def test_collect_drops_cancelled_and_expired_jobs_without_batching_them() -> None:
+    a, b, c = job(2), job(2, deadline=5.0), job(1)
+    a.cancel("client_disconnected")
+    pending = deque([a, b, c])
+    slices, dropped = collect_batch(pending, 8, now=10.0)
+    assert dropped == [a, b] and [s.job for s in slices] == [c]
+
+
+def test_collect_on_an_empty_queue_and_a_single_big_job() -> None:
+    assert collect_batch(deque(), 4, 0.0) == ([], [])
+    big = job(10)
+    pending = deque([big])
+    sizes = []
+    while pending:
+        slices, _ = collect_batch(pending, 4, 0.0)
+        sizes.append(sum(s.stop - s.start for s in slices))
+    assert sizes == [4, 4, 2]
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def make_batcher(embed, **kw) -> Batcher:
+    opts = {"max_batch": 4, "max_wait_s": 0.01, "max_queue_images": 64}
+    opts.update(kw)
+    return Batcher(embed, metrics=Metrics(opts["max_batch"]), executor=ThreadPoolExecutor(1), embedding_dim=2,
+                   **opts)
+
+
+def echo(batch: np.ndarray) -> np.ndarray:
+    out = np.zeros((batch.shape[0], 2), dtype=np.float32)
+    out[:, 0] = batch[:, 0, 0, 0]
+    out[:, 1] = 1
+    return out
+
+
+def test_results_come_back_in_order_across_batches() -> None:
+    async def main() -> None:
+        seen: list[int] = []
+
+        def embed(batch: np.ndarray) -> np.ndarray:
+            seen.append(batch.shape[0])
+            return echo(batch)
+
+        b = make_batcher(embed)
+        b.start()
+        jobs = [b.submit(job(n, tag=100 * i).images, time.monotonic() + 5) for i, n in enumerate([3, 7, 1, 5])]
+        results = await asyncio.gather(*(j.future for j in jobs))
+        for i, (j, r) in enumerate(zip(jobs, results, strict=True)):
+            np.testing.assert_array_equal(r[:, 0], 100 * i + np.arange(j.size))
+        assert max(seen) == 4 and sum(seen) == 16  # 16 images in batches of at most 4
+        await b.close(1.0)
+
+    _run(main())
+
+
+def test_full_queue_answers_429_with_retry_after() -> None:
+    async def main() -> None:
+        b = make_batcher(lambda x: (time.sleep(0.05), echo(x))[1], max_queue_images=6)
+        b.start()
+        b.submit(job(4).images, time.monotonic() + 5)
+        with pytest.raises(ApiError) as err:
+            b.submit(job(3).images, time.monotonic() + 5)
+        assert err.value.status == 429 and err.value.code == "queue_full"
+        assert int(err.value.headers["Retry-After"]) >= 1
+        b.submit(job(2).images, time.monotonic() + 5)  # still fits
+        await b.close(2.0)
+
+    _run(main())
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_batcher_goes_on() -> None:
+    async def main() -> None:
+        def embed(batch: np.ndarray) -> np.ndarray:
+            if np.any(batch[:, 0, 0, 0] == 666):
+                raise RuntimeError("boom")
+            return echo(batch)
+
+        b = make_batcher(embed, max_batch=2, max_wait_s=0.0)
+        b.start()
+        bad = b.submit(job(1, tag=666).images, time.monotonic() + 5)
+        with pytest.raises(ApiError) as err:
+            await bad.future
+        assert err.value.status == 500 and "boom" in err.value.detail
+        good = b.submit(job(2, tag=1).images, time.monotonic() + 5)
+        np.testing.assert_array_equal((await good.future)[:, 0], [1, 2])
+        assert b.alive
+        await b.close(1.0)
+
+    _run(main())
+
+
+def test_expired_jobs_leave_the_queue_unprocessed() -> None:
+    async def main() -> None:
+        ran: list[int] = []
+
+        def embed(batch: np.ndarray) -> np.ndarray:
+            ran.append(batch.shape[0])
+            time.sleep(0.1)
+            return echo(batch)
+
+        b = make_batcher(embed, max_batch=2, max_wait_s=0.0)
+        b.start()
+        first = b.submit(job(2).images, time.monotonic() + 5)
+        await asyncio.sleep(0.02)  # the first batch is running now
+        late = b.submit(job(2).images, time.monotonic() + 0.03)
+        await first.future
+        with pytest.raises(ApiError) as err:
+            await late.future
+        assert err.value.status == 504 and ran == [2]
+        assert b.queued_images == 0
+        await b.close(1.0)
+
+    _run(main())
+
+
+def test_close_drains_the_queue() -> None:
+    async def main() -> None:
+        b = make_batcher(lambda x: (time.sleep(0.02), echo(x))[1], max_batch=2)
+        b.start()
+        jobs = [b.submit(job(2).images, time.monotonic() + 5) for _ in range(5)]
+        await b.close(5.0)
+        assert all(j.future.done() and j.future.exception() is None for j in jobs)
+        with pytest.raises(ApiError, match="shutting down"):
+            b.submit(job(1).images, time.monotonic() + 5)
+
+    _run(main())

@@ -1,0 +1,126 @@
+"""Decoding real encoded bytes of every kind a user may upload, and the ones we must refuse."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.decode import ApiError, DecodeLimits, decode_image
+from service.encoding import encode, pack_binary
+from tests.service_helpers import encode_image, photo
+from uembed.preprocess import PreprocessSpec
+
+SPEC = PreprocessSpec(input_size=32)
+LIMITS = DecodeLimits(max_image_bytes=1 << 20, max_image_pixels=4_000_000)
+
+
+def decode(data: bytes, limits: DecodeLimits = LIMITS) -> np.ndarray:
+    return decode_image(data, SPEC, limits)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_accepted_format(fmt: str) -> None:
+    arr = decode(photo(1, fmt=fmt))
+    assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
+
+
+def test_matches_the_training_preprocessing_for_a_png() -> None:
+    data = photo(2, fmt="PNG")
+    import io
+
+    expected = SPEC.to_array(Image.open(io.BytesIO(data)))
+    np.testing.assert_array_equal(decode(data), expected)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16", "1"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    base = Image.new("RGB", (20, 20), (200, 30, 30))
+    img = base.convert(mode) if mode != "I;16" else Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
+    fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
+    assert decode(encode_image(img, fmt)).shape == (3, 32, 32)
+
+
+def test_transparent_pixels_become_the_training_background() -> None:
+    img = Image.new("RGBA", (10, 10), (0, 0, 0, 0))  # fully transparent black
+    white = decode(encode_image(Image.new("RGB", (10, 10), (255, 255, 255)), "PNG"))
+    np.testing.assert_allclose(decode(encode_image(img, "PNG")), white, atol=1e-6)
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    data = encode_image(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    arr = decode(data)
+    assert arr[0].mean() > arr[2].mean()  # red, not blue
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    spec = PreprocessSpec(input_size=20, resize="stretch")
+    arr = decode_image(encode_image(img, "JPEG", exif=exif, quality=95), spec, LIMITS)
+    assert arr[2, 2, 10] > arr[0, 2, 10] and arr[0, 17, 10] > arr[2, 17, 10]  # blue on top after rotation
+
+
+def test_large_jpeg_is_drafted_and_close_to_a_full_decode() -> None:
+    data = photo(3, size=(1600, 1200), fmt="JPEG")
+    drafted = decode(data, DecodeLimits(1 << 22, 4_000_000))
+    import io
+
+    full = SPEC.to_array(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.abs(drafted - full).mean() < 0.05
+
+
+def _damaged_pixels() -> bytes:
+    data = bytearray(photo(6, size=(64, 64), fmt="PNG"))
+    start = data.index(b"IDAT") + 8
+    data[start : start + 64] = bytes(64)  # zero a run of the zlib stream, keep the length
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"", 400, "empty_image"),
+        (b"this is not an image at all", 400, "not_an_image"),
+        (photo(4, fmt="PNG")[:200], 400, "truncated_image"),
+        (encode_image(Image.new("RGB", (8, 8)), "ICO"), 400, "not_an_image"),  # a format we do not open
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 400, "not_an_image"),  # a broken header
+        (_damaged_pixels(), 400, "corrupt_image"),  # a good header, damaged compressed data
+    ],
+)
+def test_bad_bytes_get_a_clear_error(data: bytes, status: int, code: str) -> None:
+    with pytest.raises(ApiError) as err:
+        decode(data)
+    assert (err.value.status, err.value.code) == (status, code)
+
+
+def test_limits_on_bytes_and_pixels() -> None:
+    big = Image.new("1", (3000, 2000))  # 6M pixels, a few kB as PNG: a small decompression bomb
+    with pytest.raises(ApiError) as err:
+        decode(encode_image(big, "PNG"))
+    assert err.value.status == 413 and err.value.code == "too_many_pixels"
+    with pytest.raises(ApiError) as err:
+        decode(photo(5, size=(400, 400), fmt="PNG"), DecodeLimits(max_image_bytes=1000, max_image_pixels=10**6))
+    assert err.value.status == 413 and err.value.code == "image_too_large"
+
+
+def test_one_pixel_images_are_embedded() -> None:
+    assert decode(encode_image(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")).shape == (3, 32, 32)
+
+
+def test_binary_is_packbits_of_the_sign_msb_first() -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((5, 20)).astype(np.float32)
+    rows = encode(emb, "both")
+    for vec, row in zip(emb, rows, strict=True):
+        raw = np.frombuffer(base64.b64decode(row["binary"]), dtype=np.uint8)
+        assert len(raw) == 3  # ceil(20 / 8)
+        np.testing.assert_array_equal(np.unpackbits(raw)[:20], (vec > 0).astype(np.uint8))
+        np.testing.assert_allclose(np.linalg.norm(row["float"]), 1.0, atol=1e-6)
+    assert pack_binary(np.array([[1.0, -1, 0, 0, 0, 0, 0, 0, 2]]))[0] == base64.b64encode(bytes([128, 128])).decode()
+    assert set(encode(emb, "float")[0]) == {"float"} and set(encode(emb, "binary")[0]) == {"binary"}
