@@ -58,7 +58,34 @@ def create_trunk(cfg: ModelConfig) -> tuple[nn.Module, int, bool]:
     if not spatial:
         # Token models (ViT...): let timm pool (class token or average), GeM needs spatial maps.
         trunk = timm.create_model(cfg.trunk, pretrained=cfg.pretrained, num_classes=0, **kwargs)
+    elif probe is not None:
+        prune_unused(trunk)
     return trunk, int(trunk.num_features), spatial
+
+
+def prune_unused(trunk: nn.Module, size: int = 64) -> list[str]:
+    """Replace trunk modules that `forward_features` never uses with Identity; return their names.
+
+    Some timm trunks keep head layers that only `forward_head` runs (mobilenetv3's 960->1280
+    `conv_head`: 1.2M parameters). We pool `forward_features` ourselves, so those weights would be
+    trained (decayed) for nothing, checkpointed and shipped. One probe backward finds them.
+    """
+    was_training = trunk.training
+    trunk.eval()
+    trunk.forward_features(torch.zeros(2, 3, size, size)).float().sum().backward()
+    unused = {n for n, p in trunk.named_parameters() if p.grad is None}
+    trunk.zero_grad(set_to_none=True)
+    trunk.train(was_training)
+    pruned: list[str] = []
+    for name, module in list(trunk.named_modules()):
+        if not name or any(name.startswith(done + ".") for done in pruned):
+            continue
+        names = [f"{name}.{n}" for n, _ in module.named_parameters()]
+        if names and all(n in unused for n in names):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(trunk.get_submodule(parent_name) if parent_name else trunk, attr, nn.Identity())
+            pruned.append(name)
+    return pruned
 
 
 def _accepts_any_size(trunk: nn.Module) -> bool:

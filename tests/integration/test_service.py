@@ -271,7 +271,6 @@ def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
     with ServerThread(app) as server:
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         batcher = app.state.uembed.batcher
-        server.server.config.loop  # noqa: B018
         batcher._task.get_loop().call_soon_threadsafe(batcher._task.cancel)
         import time
 
