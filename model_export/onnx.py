@@ -75,9 +75,13 @@ def ort_providers(device: str = "cpu", cache_dir: str | Path | None = None) -> l
 
 
 def ort_session(path: Path | str, *, providers: list[Any] | None = None, intra_op_threads: int = 0,
-                inter_op_threads: int = 1) -> Any:
+                inter_op_threads: int = 1, allow_spinning: bool = True) -> Any:
     """An ONNX Runtime session tuned for batch inference: all graph optimizations, sequential
-    execution, intra-op threads = physical cores unless given (0 lets ORT decide)."""
+    execution, intra-op threads = physical cores unless given (0 lets ORT decide).
+
+    allow_spinning=False stops idle intra-op threads from busy-waiting for the next op: in a
+    server whose decode threads and event loop share the cores, spinning steals their CPU.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -85,6 +89,8 @@ def ort_session(path: Path | str, *, providers: list[Any] | None = None, intra_o
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = inter_op_threads
+    if not allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 

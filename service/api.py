@@ -26,13 +26,17 @@ router = APIRouter()
 DEADLINE_HEADER = "x-request-timeout-ms"
 
 
-def get_state(request: Request) -> ServiceState:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies on its thread
+# pool, a thread hop per dependency per request.
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.uembed
 
 
-def get_batcher(state: Annotated[ServiceState, Depends(get_state)]) -> Batcher:
-    if state.batcher is None or not state.ready:
-        raise ApiError(503, "not_ready", "the model is loading or the server is shutting down",
+async def get_batcher(state: Annotated[ServiceState, Depends(get_state)]) -> Batcher:
+    # Not `is_ready()`: while draining, uvicorn already refuses new connections, and a request that
+    # reaches us was accepted before the signal, so it is answered.
+    if state.batcher is None or not state.ready or not state.batcher.alive:
+        raise ApiError(503, "not_ready", "the model is loading, the batcher stopped or the server is shutting down",
                        headers={"Retry-After": "1"})
     return state.batcher
 
@@ -159,7 +163,7 @@ async def embed(
     state: Annotated[ServiceState, Depends(get_state)],
     output: Annotated[str, Query(description="float | binary | both")] = "both",
 ) -> Response:
-    settings, metrics = state.settings, state.metrics
+    settings = state.settings
     if output not in OUTPUTS:
         raise ApiError(400, "unknown_output", f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
     deadline = _deadline(request, state)
@@ -170,38 +174,91 @@ async def embed(
         state.client_gone()
         return Response(status_code=499)
 
+    if len(blobs) == 1 and state.active_requests == 1 and batcher.claim_idle():
+        try:
+            return await _solo(request, state, blobs[0], deadline, output)
+        finally:
+            batcher.release_idle()
+
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
-    decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, state.decode_one, b) for b in blobs),
-                                   return_exceptions=True)
-    for i, result in enumerate(decoded):
-        if isinstance(result, ApiError):
-            raise result.at(i) if len(blobs) > 1 else result
-        if isinstance(result, BaseException):
-            raise ApiError(400, "corrupt_image", f"cannot decode: {type(result).__name__}: {result}").at(i)
-    images = np.stack(decoded)  # type: ignore[arg-type]
-    decode_seconds = time.perf_counter() - t0
-    if await request.is_disconnected():
-        state.client_gone()
-        return Response(status_code=499)
+    batcher.begin_decode()
+    try:
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(state.decode_pool, state.decode_one, b) for b in blobs), return_exceptions=True)
+        for i, result in enumerate(decoded):
+            if isinstance(result, ApiError):
+                raise result.at(i) if len(blobs) > 1 else result
+            if isinstance(result, BaseException):
+                raise ApiError(400, "corrupt_image", f"cannot decode: {type(result).__name__}: {result}").at(i)
+        images = np.stack(decoded)  # type: ignore[arg-type]
+        decode_seconds = time.perf_counter() - t0
+        if await request.is_disconnected():
+            state.client_gone()
+            return Response(status_code=499)
+        job = batcher.submit(images, deadline)
+    finally:
+        batcher.end_decode()
+    done = await _wait(request, job.future, deadline)
+    if job.future not in done:
+        job.cancel("client_disconnected" if done else "deadline_exceeded")
+        return _gave_up(state, bool(done))
+    embeddings = job.future.result()  # raises the batch's ApiError (500, 504) if it failed
+    return _answer(state, embeddings, output, job.queue_seconds, job.inference_seconds, decode_seconds)
 
-    job = batcher.submit(images, deadline)
+
+async def _wait(request: Request, future: asyncio.Future[Any], deadline: float) -> set[asyncio.Future[Any]]:
+    """Wait for `future`, the client going away or the deadline; returns the set of what finished
+    other than the future: {watcher} when the client left, empty on the deadline."""
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait({job.future, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+        done, _ = await asyncio.wait({future, watcher}, timeout=max(0.0, deadline - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if job.future not in done:
-        if watcher in done:
-            job.cancel("client_disconnected")
-            state.client_gone()
-            return Response(status_code=499)
-        job.cancel("deadline_exceeded")
-        raise ApiError(504, "deadline_exceeded", "the request did not finish before its deadline")
-    embeddings = job.future.result()  # raises the batch's ApiError (500, 504) if it failed
+    return {future} if future in done else ({watcher} if watcher in done else set())
 
-    metrics.images.inc(len(blobs))
+
+def _gave_up(state: ServiceState, client_left: bool) -> Response:
+    if client_left:
+        state.client_gone()
+        return Response(status_code=499)
+    raise ApiError(504, "deadline_exceeded", "the request did not finish before its deadline")
+
+
+async def _solo(request: Request, state: ServiceState, blob: bytes, deadline: float, output: str) -> Response:
+    """The idle fast path: decode and embed one image in one hop on the inference thread (which
+    keeps inference serialized with the batcher). Same errors, deadline, disconnect and metrics."""
+    assert state.backend is not None and state.batcher is not None
+    backend = state.backend
+
+    def work() -> tuple[np.ndarray, float, float]:
+        t0 = time.perf_counter()
+        x = state.decode_one(blob)
+        t1 = time.perf_counter()
+        try:
+            out = np.asarray(backend.embed(x[None]), dtype=np.float32)
+        except Exception as e:
+            raise ApiError(500, "inference_failed", f"the model failed on this image: {type(e).__name__}: {e}") from e
+        return out, t1 - t0, time.perf_counter() - t1
+
+    future = asyncio.get_running_loop().run_in_executor(state.infer_pool, work)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if we give up
+    done = await _wait(request, future, deadline)
+    if future not in done:
+        return _gave_up(state, bool(done))
+    embeddings, decode_seconds, inference_seconds = future.result()
+    if embeddings.shape != (1, state.batcher.embedding_dim):
+        raise ApiError(500, "inference_failed", f"the backend returned {embeddings.shape}")
+    state.metrics.queue_seconds.observe(0.0)
+    state.batcher.observe_batch(1, inference_seconds)
+    return _answer(state, embeddings, output, 0.0, inference_seconds, decode_seconds)
+
+
+def _answer(state: ServiceState, embeddings: np.ndarray, output: str, queue_s: float, inference_s: float,
+            decode_s: float) -> Response:
+    assert state.manifest is not None and state.backend is not None
+    state.metrics.images.inc(embeddings.shape[0])
     payload = {
         "model": state.manifest.name, "version": state.manifest.version, "dim": state.manifest.embedding_dim,
         "backend": state.backend.name, "precision": state.backend.precision,
@@ -209,9 +266,9 @@ async def embed(
         "embeddings": encode(embeddings, output),  # type: ignore[arg-type]
     }
     headers = {
-        "X-Queue-Time": f"{job.queue_seconds * 1000:.3f}",
-        "X-Inference-Time": f"{job.inference_seconds * 1000:.3f}",
-        "X-Decode-Time": f"{decode_seconds * 1000:.3f}",
+        "X-Queue-Time": f"{queue_s * 1000:.3f}",
+        "X-Inference-Time": f"{inference_s * 1000:.3f}",
+        "X-Decode-Time": f"{decode_s * 1000:.3f}",
     }
     return json_response(payload, headers=headers)
 

@@ -59,9 +59,11 @@ class RequestMetricsMiddleware:
             await send(message)
 
         metrics.in_flight.inc()
+        self.state.active_requests += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.state.active_requests -= 1
             metrics.in_flight.dec()
             metrics.requests.labels(str(status)).inc()
             metrics.request_seconds.labels(f"{status // 100}xx").observe(time.perf_counter() - t0)
@@ -89,9 +91,10 @@ def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
             "weights_sha256": manifest.weights_sha256[:12]})
         if settings.warmup:
             size = state.spec.input_size
-            warm = np.zeros((settings.max_batch_size, 3, size, size), dtype=np.float32)
-            for _ in range(2):
-                state.infer_pool.submit(state.backend.embed, warm).result()
+            for n in sorted({settings.max_batch_size, 1}):  # backends may keep a separate path for one image
+                warm = np.zeros((n, 3, size, size), dtype=np.float32)
+                for _ in range(2):
+                    state.infer_pool.submit(state.backend.embed, warm).result()
         state.batcher = Batcher(
             state.backend.embed, max_batch=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
             max_queue_images=settings.max_queue_images, metrics=state.metrics, executor=state.infer_pool,

@@ -94,6 +94,9 @@ class Batcher:
         self.embedding_dim = embedding_dim
         self.pending: deque[Job] = deque()
         self.queued_images = 0
+        self.decoding = 0  # requests admitted and still decoding: images that will join the queue soon
+        self.running = False  # a batch is in the backend
+        self.solo = False  # a lone request is taking the idle fast path
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -122,6 +125,28 @@ class Batcher:
             self.pending.clear()
 
     # -- admission -----------------------------------------------------------------------------
+    def claim_idle(self) -> bool:
+        """True (and the claim is held until `release_idle`) when nothing is queued, decoding or
+        running: a lone single-image request (the caller checks it is the only one in the server)
+        may then decode and embed in one hop on the inference thread, since no batch could form
+        around it."""
+        if self.solo or self.running or self.pending or self.decoding or self._closing:
+            return False
+        self.solo = True
+        return True
+
+    def release_idle(self) -> None:
+        self.solo = False
+        self._wakeup.set()
+
+    def begin_decode(self) -> None:
+        self.decoding += 1
+
+    def end_decode(self) -> None:
+        """Called after the request was submitted (or failed to decode): the batcher re-decides."""
+        self.decoding -= 1
+        self._wakeup.set()
+
     def submit(self, images: np.ndarray, deadline: float) -> Job:
         if self._closing:
             raise ApiError(503, "shutting_down", "the server is shutting down")
@@ -145,9 +170,11 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.pending:
-                if self._closing:
+            if not self.pending or self.solo:
+                if self._closing and not self.pending:
                     return
+                # Nothing to do, or the idle fast path holds the inference thread: collecting now
+                # would park a batch behind it, past the reach of deadlines and disconnects.
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -164,6 +191,7 @@ class Batcher:
                 for _ in range(s.stop - s.start):
                     self.metrics.queue_seconds.observe(wait)
             t0 = time.perf_counter()
+            self.running = True
             try:
                 out = await loop.run_in_executor(self.executor, self.embed, batch)
                 out = np.asarray(out, dtype=np.float32)
@@ -176,11 +204,10 @@ class Batcher:
                     self._fail(job, err)
                     job.cancel("inference_failed")  # its images still queued must not run
                 continue
+            finally:
+                self.running = False
             dt = time.perf_counter() - t0
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * dt
-            self.metrics.inference_seconds.observe(dt)
-            self.metrics.batch_size.observe(batch.shape[0])
-            self.metrics.batch_fill.observe(batch.shape[0] / self.max_batch)
+            self.observe_batch(batch.shape[0], dt)
             offset = 0
             for s in slices:
                 n = s.stop - s.start
@@ -194,10 +221,17 @@ class Batcher:
                 if job.filled == job.size and not job.future.done():
                     job.future.set_result(job.results)
 
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        self.metrics.inference_seconds.observe(seconds)
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_fill.observe(size / self.max_batch)
+
     async def _wait_for_batch(self) -> None:
-        """Until max_batch images are queued or the oldest has waited max_wait."""
+        """Until max_batch images are queued, the oldest has waited max_wait, or no more images are on
+        their way (no request still decoding): waiting for company that is not coming only adds latency."""
         oldest = self.pending[0].enqueued_at
-        while self.queued_images < self.max_batch and not self._closing:
+        while self.queued_images < self.max_batch and self.decoding > 0 and not self._closing:
             remaining = oldest + self.max_wait_s - time.monotonic()
             if remaining <= 0:
                 return

@@ -38,7 +38,14 @@ class Settings(BaseSettings):
         50_000_000, ge=64, description="largest decoded image, width x height (decompression-bomb guard)")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and preprocessing images")
     intra_op_threads: int = Field(
-        0, ge=0, description="inference threads for CPU backends (0: the runtime's default, physical cores)")
+        1, ge=0, description="inference threads per batch for CPU backends (0: all physical cores). One leaves "
+        "the other cores to decoding, which bounds throughput under load")
+    solo_intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime on CPU: threads for a batch of one image (an idle server), where "
+        "latency is what counts (0: all physical cores)")
+    intra_op_spinning: bool = Field(
+        False, description="let idle ONNX Runtime threads busy-wait between ops: lower latency when the "
+        "machine is idle, less CPU left for decoding under load")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     verify_sha256: bool = Field(True, description="verify the artifact files' sha256 at start")

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main() -> None:
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import Response
 
     from model_export.manifest import load_manifest
@@ -42,7 +42,7 @@ def main() -> None:
                         media_type="application/json")
 
     @app.get("/readyz")
-    def ready(_: Request) -> dict:
+    def ready() -> dict:
         return {"ready": True}
 
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")

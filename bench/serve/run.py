@@ -121,7 +121,9 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--decode-threads", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads everywhere")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="ONNX Runtime intra-op threads of the pipeline limit and the naive server "
+                         "(uembed serve runs with its defaults)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         images_dir = Path(args.images) if args.images else Path(tmp)
@@ -133,7 +135,7 @@ def main() -> int:
         port = free_port()
         ours_cmd = [PY, "-m", "uembed.cli", "serve", "--model", args.model, "--host", "127.0.0.1", "--port",
                     str(port), "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-                    "--decode-threads", str(args.decode_threads), "--intra-op-threads", str(args.threads),
+                    "--decode-threads", str(args.decode_threads),
                     "--max-queue-images", "512", "--log-level", "warning"]
         print("uembed serve:", file=sys.stderr)
         ours, _ = bench_server(ours_cmd, port, images_dir, args.concurrency, args.seconds)

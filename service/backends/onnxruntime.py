@@ -1,4 +1,10 @@
-"""ONNX Runtime: the CPU default; on a GPU its TensorRT / CUDA execution providers."""
+"""ONNX Runtime: the CPU default; on a GPU its TensorRT / CUDA execution providers.
+
+On CPU two sessions share the model: batches of several images run on `intra_op_threads`
+(default 1, leaving the other cores to decoding, which is what bounds throughput under load), and
+a lone image (an idle server) on `solo_intra_op_threads` (default all cores, spin-waiting between
+ops), where latency is what counts. bench/serve measured both choices; see docs/service.md.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +28,22 @@ class OnnxRuntimeBackend(Backend):
             providers = ort_providers(device, cache_dir=Path(manifest.root) / ".ort-cache")
         except RuntimeError as e:
             raise BackendError(str(e)) from e
-        self.session = ort_session(path, providers=providers, intra_op_threads=settings.intra_op_threads)
+        self.session = ort_session(path, providers=providers, intra_op_threads=settings.intra_op_threads,
+                                   allow_spinning=settings.intra_op_spinning)
         active = self.session.get_providers()
+        self.solo_session = self.session
+        if active == ["CPUExecutionProvider"] and settings.solo_intra_op_threads != settings.intra_op_threads:
+            # It runs only when the server is idle, so its threads may spin: nothing else needs the cores.
+            self.solo_session = ort_session(path, providers=providers,
+                                            intra_op_threads=settings.solo_intra_op_threads, allow_spinning=True)
         self.device = "cuda" if any(p != "CPUExecutionProvider" for p in active) else "cpu"
         self.precision = "fp16" if active and active[0] == "TensorrtExecutionProvider" else "fp32"
         self.providers = active
         self.input_name = self.session.get_inputs()[0].name
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        session = self.solo_session if batch.shape[0] == 1 else self.session
+        return session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     def health(self) -> dict[str, object]:
         return super().health() | {"providers": self.providers}

@@ -160,3 +160,28 @@ def test_close_drains_the_queue() -> None:
             b.submit(job(1).images, time.monotonic() + 5)
 
     _run(main())
+
+
+def test_waits_only_while_more_images_are_on_their_way() -> None:
+    async def main() -> None:
+        seen: list[int] = []
+
+        def embed(batch: np.ndarray) -> np.ndarray:
+            seen.append(batch.shape[0])
+            return echo(batch)
+
+        b = make_batcher(embed, max_batch=4, max_wait_s=30.0)  # a long wait that must not be needed
+        b.start()
+        b.begin_decode()  # request A decoding
+        b.begin_decode()  # request B decoding
+        a = b.submit(job(1).images, time.monotonic() + 60)
+        b.end_decode()
+        await asyncio.sleep(0.05)
+        assert seen == []  # B is still decoding: A waits for it
+        c = b.submit(job(1, tag=5).images, time.monotonic() + 60)
+        b.end_decode()  # nothing else on its way: run now, not after 30 s
+        await asyncio.wait_for(asyncio.gather(a.future, c.future), timeout=10)
+        assert seen == [2]
+        await b.close(1.0)
+
+    _run(main())
