@@ -237,7 +237,7 @@ async def _solo(request: Request, state: ServiceState, blob: bytes, deadline: fl
         x = state.decode_one(blob)
         t1 = time.perf_counter()
         try:
-            out = np.asarray(backend.embed(x[None]), dtype=np.float32)
+            out = np.asarray(backend.embed(x[None], False), dtype=np.float32)
         except Exception as e:
             raise ApiError(500, "inference_failed", f"the model failed on this image: {type(e).__name__}: {e}") from e
         return out, t1 - t0, time.perf_counter() - t1

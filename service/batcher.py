@@ -87,7 +87,7 @@ def collect_batch(pending: deque[Job], max_batch: int, now: float) -> tuple[list
 
 
 class Batcher:
-    def __init__(self, embed: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_wait_s: float,
+    def __init__(self, embed: Callable[[np.ndarray, bool], np.ndarray], *, max_batch: int, max_wait_s: float,
                  max_queue_images: int, metrics: Metrics, executor: Executor, embedding_dim: int) -> None:
         self.embed, self.max_batch, self.max_wait_s = embed, max_batch, max_wait_s
         self.max_queue_images, self.metrics, self.executor = max_queue_images, metrics, executor
@@ -192,8 +192,9 @@ class Batcher:
                     self.metrics.queue_seconds.observe(wait)
             t0 = time.perf_counter()
             self.running = True
+            contended = self.decoding > 0 or self.queued_images > 0
             try:
-                out = await loop.run_in_executor(self.executor, self.embed, batch)
+                out = await loop.run_in_executor(self.executor, self.embed, batch, contended)
                 out = np.asarray(out, dtype=np.float32)
                 if out.shape != (batch.shape[0], self.embedding_dim):
                     raise RuntimeError(f"backend returned {out.shape}, expected {(batch.shape[0], self.embedding_dim)}")

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
         1, ge=0, description="inference threads per batch for CPU backends (0: all physical cores). One leaves "
         "the other cores to decoding, which bounds throughput under load")
     solo_intra_op_threads: int = Field(
-        0, ge=0, description="onnxruntime on CPU: threads for a batch of one image (an idle server), where "
-        "latency is what counts (0: all physical cores)")
+        0, ge=0, description="onnxruntime on CPU: threads for a batch that runs while no other request is "
+        "decoding or queued, where latency is what counts (0: all physical cores)")
     intra_op_spinning: bool = Field(
         False, description="let idle ONNX Runtime threads busy-wait between ops: lower latency when the "
         "machine is idle, less CPU left for decoding under load")

@@ -53,7 +53,7 @@ class EchoBackend(Backend):
         self.dim, self.delay_s, self.poison = dim, delay_s, poison
         self.batches: list[int] = []
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
+    def embed(self, batch: np.ndarray, contended: bool = True) -> np.ndarray:
         self.batches.append(batch.shape[0])
         if self.delay_s:
             time.sleep(self.delay_s)

@@ -25,8 +25,11 @@ class Backend(ABC):
         return 4096
 
     @abstractmethod
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, D) float32. Called from one inference thread at a time."""
+    def embed(self, batch: np.ndarray, contended: bool = True) -> np.ndarray:
+        """(N, 3, S, S) float32 -> (N, D) float32. Called from one inference thread at a time.
+
+        `contended` is False when no other request is decoding or queued: a CPU backend may then
+        use every core; when True, other work needs CPU while this batch runs."""
 
     def health(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "precision": self.precision}

@@ -33,7 +33,7 @@ class OnnxRuntimeBackend(Backend):
         active = self.session.get_providers()
         self.solo_session = self.session
         if active == ["CPUExecutionProvider"] and settings.solo_intra_op_threads != settings.intra_op_threads:
-            # It runs only when the server is idle, so its threads may spin: nothing else needs the cores.
+            # It runs only when nothing else waits for the CPU, so its threads may spin.
             self.solo_session = ort_session(path, providers=providers,
                                             intra_op_threads=settings.solo_intra_op_threads, allow_spinning=True)
         self.device = "cuda" if any(p != "CPUExecutionProvider" for p in active) else "cpu"
@@ -41,8 +41,8 @@ class OnnxRuntimeBackend(Backend):
         self.providers = active
         self.input_name = self.session.get_inputs()[0].name
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        session = self.solo_session if batch.shape[0] == 1 else self.session
+    def embed(self, batch: np.ndarray, contended: bool = True) -> np.ndarray:
+        session = self.session if contended else self.solo_session
         return session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     def health(self) -> dict[str, object]:

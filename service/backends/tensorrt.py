@@ -29,5 +29,5 @@ class TensorRTBackend(Backend):
     def max_batch_size(self) -> int:
         return self.runner.max_batch
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
+    def embed(self, batch: np.ndarray, contended: bool = True) -> np.ndarray:
         return self.runner(batch)

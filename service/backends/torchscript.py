@@ -28,6 +28,6 @@ class TorchScriptBackend(Backend):
         self.torch_device = torch.device(device)
 
     @torch.inference_mode()
-    def embed(self, batch: np.ndarray) -> np.ndarray:
+    def embed(self, batch: np.ndarray, contended: bool = True) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.torch_device, non_blocking=True)
         return self.module(x).float().cpu().numpy()

@@ -73,7 +73,7 @@ def test_results_come_back_in_order_across_batches() -> None:
     async def main() -> None:
         seen: list[int] = []
 
-        def embed(batch: np.ndarray) -> np.ndarray:
+        def embed(batch: np.ndarray, contended: bool = True) -> np.ndarray:
             seen.append(batch.shape[0])
             return echo(batch)
 
@@ -91,7 +91,7 @@ def test_results_come_back_in_order_across_batches() -> None:
 
 def test_full_queue_answers_429_with_retry_after() -> None:
     async def main() -> None:
-        b = make_batcher(lambda x: (time.sleep(0.05), echo(x))[1], max_queue_images=6)
+        b = make_batcher(lambda x, contended=True: (time.sleep(0.05), echo(x))[1], max_queue_images=6)
         b.start()
         b.submit(job(4).images, time.monotonic() + 5)
         with pytest.raises(ApiError) as err:
@@ -106,7 +106,7 @@ def test_full_queue_answers_429_with_retry_after() -> None:
 
 def test_a_failing_batch_fails_only_its_requests_and_the_batcher_goes_on() -> None:
     async def main() -> None:
-        def embed(batch: np.ndarray) -> np.ndarray:
+        def embed(batch: np.ndarray, contended: bool = True) -> np.ndarray:
             if np.any(batch[:, 0, 0, 0] == 666):
                 raise RuntimeError("boom")
             return echo(batch)
@@ -129,7 +129,7 @@ def test_expired_jobs_leave_the_queue_unprocessed() -> None:
     async def main() -> None:
         ran: list[int] = []
 
-        def embed(batch: np.ndarray) -> np.ndarray:
+        def embed(batch: np.ndarray, contended: bool = True) -> np.ndarray:
             ran.append(batch.shape[0])
             time.sleep(0.1)
             return echo(batch)
@@ -151,7 +151,7 @@ def test_expired_jobs_leave_the_queue_unprocessed() -> None:
 
 def test_close_drains_the_queue() -> None:
     async def main() -> None:
-        b = make_batcher(lambda x: (time.sleep(0.02), echo(x))[1], max_batch=2)
+        b = make_batcher(lambda x, contended=True: (time.sleep(0.02), echo(x))[1], max_batch=2)
         b.start()
         jobs = [b.submit(job(2).images, time.monotonic() + 5) for _ in range(5)]
         await b.close(5.0)
@@ -165,9 +165,11 @@ def test_close_drains_the_queue() -> None:
 def test_waits_only_while_more_images_are_on_their_way() -> None:
     async def main() -> None:
         seen: list[int] = []
+        hints: list[bool] = []
 
-        def embed(batch: np.ndarray) -> np.ndarray:
+        def embed(batch: np.ndarray, contended: bool = True) -> np.ndarray:
             seen.append(batch.shape[0])
+            hints.append(contended)
             return echo(batch)
 
         b = make_batcher(embed, max_batch=4, max_wait_s=30.0)  # a long wait that must not be needed
@@ -181,7 +183,10 @@ def test_waits_only_while_more_images_are_on_their_way() -> None:
         c = b.submit(job(1, tag=5).images, time.monotonic() + 60)
         b.end_decode()  # nothing else on its way: run now, not after 30 s
         await asyncio.wait_for(asyncio.gather(a.future, c.future), timeout=10)
-        assert seen == [2]
+        assert seen == [2] and hints == [False]  # nothing else waited for the CPU: all cores may serve it
+        big = b.submit(job(6).images, time.monotonic() + 60)  # 4 now, 2 still queued while they run
+        await asyncio.wait_for(big.future, timeout=10)
+        assert seen[1:] == [4, 2] and hints[1:] == [True, False]
         await b.close(1.0)
 
     _run(main())
