@@ -82,10 +82,10 @@ async def parse_images(request: Request, body: bytes, max_images: int) -> list[b
             for key, value in form.multi_items():
                 if key != "image":
                     raise ApiError(400, "invalid_multipart", f"unexpected form field {key!r}; send files as 'image'")
-                if isinstance(value, UploadFile):
-                    blobs.append(await value.read())
-                else:
-                    blobs.append(value.encode("latin-1") if isinstance(value, str) else bytes(value))
+                if not isinstance(value, UploadFile):
+                    raise ApiError(400, "invalid_multipart", "the 'image' field must be a file part "
+                                   "(curl -F image=@photo.jpg), not a text field")
+                blobs.append(await value.read())
         finally:
             await form.close()
         if not blobs:
@@ -190,7 +190,7 @@ async def embed(
             if isinstance(result, ApiError):
                 raise result.at(i) if len(blobs) > 1 else result
             if isinstance(result, BaseException):
-                raise ApiError(400, "corrupt_image", f"cannot decode: {type(result).__name__}: {result}").at(i)
+                raise result
         images = np.stack(decoded)  # type: ignore[arg-type]
         decode_seconds = time.perf_counter() - t0
         if await request.is_disconnected():

@@ -12,7 +12,7 @@ from model_export.manifest import Manifest
 from service.backends.base import Backend
 from service.batcher import Batcher
 from service.config import Settings
-from service.decode import DecodeLimits, decode_image
+from service.decode import ApiError, DecodeLimits, decode_image
 from service.metrics import Metrics
 from uembed.preprocess import PreprocessSpec
 
@@ -43,6 +43,10 @@ class ServiceState:
         t0 = time.perf_counter()
         try:
             return decode_image(data, self.spec, self.limits)
+        except ApiError:
+            raise
+        except Exception as e:  # a decoder failure we did not foresee is still the image's fault, not a 500
+            raise ApiError(400, "corrupt_image", f"the image cannot be decoded: {type(e).__name__}: {e}") from e
         finally:
             self.metrics.decode_seconds.observe(time.perf_counter() - t0)
 
