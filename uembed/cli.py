@@ -79,6 +79,19 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_emoji(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.data.emoji import EmojiOptions, build_emoji_dataset
+
+    opts = EmojiOptions(out=Path(args.out), cache=Path(args.cache), artists=tuple(args.artists.split(",")),
+                        holdout=args.holdout, seed=args.seed, skin_tones=args.skin_tones, scenes=args.scenes)
+    paths = build_emoji_dataset(opts)
+    print((Path(args.out) / "summary.json").read_text())
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
 def _cmd_data_folder(args: argparse.Namespace) -> int:
     from training.data.manifest import folder_manifest, write_manifest
 
@@ -141,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--categories", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_data_synthetic)
+    e = dsub.add_parser("emoji", help="emoji by four artists from npm (fetched with `npm pack`, cached)")
+    e.add_argument("--out", required=True, help="dataset folder (manifests, eval sets, extracted images)")
+    e.add_argument("--cache", default="data/npm-cache", help="where package tarballs are kept (and reused)")
+    e.add_argument("--artists", default="apple,google,twitter,facebook")
+    e.add_argument("--holdout", type=float, default=0.2, help="fraction of identities held out of training")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--skin-tones", action="store_true", help="skin-tone variants as identities of their own")
+    e.add_argument("--scenes", type=int, default=400, help="scene-crop queries to render")
+    e.set_defaults(func=_cmd_data_emoji)
     f = dsub.add_parser("folder", help="manifest from an image-folder tree ROOT/CLASS/*.jpg")
     f.add_argument("root")
     f.add_argument("--out", required=True, help="manifest path (.jsonl)")

@@ -1,0 +1,95 @@
+"""`uembed data emoji` on tiny package tarballs made here (tests never download)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from training.data.emoji import EmojiDataError, EmojiOptions, build_emoji_dataset
+from training.data.manifest import read_manifest
+
+ARTISTS = ("apple", "google")
+
+
+def _emoji(i: int, sub: str, name: str, skins: bool = False, category: str = "Objects") -> dict:
+    e = {"unified": f"1F{i:03X}", "image": f"1f{i:03x}.png", "name": name.upper(), "short_name": name,
+         "short_names": [name], "category": category, "subcategory": sub,
+         **{f"has_img_{a}": True for a in ("apple", "google", "twitter", "facebook")}}
+    if skins:
+        e["skin_variations"] = {"1F3FB": {"unified": f"1F{i:03X}-1F3FB", "image": f"1f{i:03x}-1f3fb.png",
+                                          **{f"has_img_{a}": True for a in ARTISTS}}}
+    return e
+
+
+def _package(cache: Path, artist: str, entries: list[dict]) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("package/emoji.json", json.dumps(entries).encode())
+        add("package/README.md", b"not extracted")
+        images = [e["image"] for e in entries] + [v["image"] for e in entries
+                                                  for v in (e.get("skin_variations") or {}).values()]
+        for k, image in enumerate(images):
+            png = io.BytesIO()
+            shade = (37 * k + (0 if artist == "apple" else 90)) % 256
+            Image.new("RGBA", (64, 64), (shade, 255 - shade, 128, 255)).save(png, format="PNG")
+            add(f"package/img/{artist}/64/{image}", png.getvalue())
+    (cache / f"emoji-datasource-{artist}-1.0.0.tgz").write_bytes(buf.getvalue())
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    entries = [_emoji(i, f"sub{i % 4}", f"thing {['red', 'blue', 'big'][i % 3]} face", skins=i < 3)
+               for i in range(30)]
+    entries.append(_emoji(99, "skin-tone", "light skin tone", category="Component"))
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    for artist in ARTISTS:
+        _package(folder, artist, entries)
+    return folder
+
+
+def test_builds_manifests_holdout_and_eval_sets(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "emoji"
+    paths = build_emoji_dataset(EmojiOptions(out=out, cache=cache, artists=ARTISTS, scenes=5, npm="no-such-npm"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["identities"] == 30 and summary["held_out"] == 6  # Component and skin tones left out
+    train = read_manifest(paths["train"])
+    assert len(train) == 24 * 2  # every training identity by both artists
+    held = {r.labels["identity"] for r in read_manifest(paths["browse_query"])}
+    assert len(held) == 6 and not held & {r.labels["identity"] for r in train}
+    assert all(r.labels["keywords"] for r in train if "keywords" in r.labels)
+    assert {"thing", "face"} <= {w for r in train for w in r.labels.get("keywords", [])}
+    # browse: the query is one artist's drawing, the gallery holds the other artist's
+    q = read_manifest(paths["browse_query"])
+    g = read_manifest(paths["browse_gallery"])
+    assert len(q) == 6 and len(g) == 6 and not {r.image for r in q} & {r.image for r in g}
+    cam = read_manifest(paths["camera_query"])
+    assert len(cam) == 6 and all(r.image.suffix == ".jpg" and r.image.exists() for r in cam)
+    scenes = read_manifest(paths["scene_query"])
+    assert len(scenes) == 5 and all(r.labels["identity"] in held for r in scenes)
+    assert len(read_manifest(paths["scene_gallery"])) == 12
+    assert not (out / "raw" / "apple" / "package" / "README.md").exists()  # only JSON and PNGs extracted
+
+
+def test_skin_tones_as_identities_and_determinism(cache: Path, tmp_path: Path) -> None:
+    a = build_emoji_dataset(EmojiOptions(out=tmp_path / "a", cache=cache, artists=ARTISTS, scenes=3, skin_tones=True))
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["identities"] == 33
+    b = build_emoji_dataset(EmojiOptions(out=tmp_path / "b", cache=cache, artists=ARTISTS, scenes=3, skin_tones=True))
+    assert a["train"].read_text() == b["train"].read_text()
+    assert (tmp_path / "a/eval/camera/00000.jpg").read_bytes() == (tmp_path / "b/eval/camera/00000.jpg").read_bytes()
+
+
+def test_missing_npm_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EmojiDataError, match="npm is not installed"):
+        build_emoji_dataset(EmojiOptions(out=tmp_path / "o", cache=tmp_path / "empty", artists=ARTISTS,
+                                         npm="no-such-npm-binary"))
