@@ -253,9 +253,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             if train_trunk:
-                if self.ddp is self.model:
-                    return self.model(images)
-                return self.ddp(images)
+                return self.ddp(images)  # the model itself when not distributed
             # Head warm-up: the trunk runs without a graph; GeM, the head and the proxies learn.
             with torch.no_grad():
                 feats = self.model.trunk.forward_features(images) if self.model.pool is not None \
