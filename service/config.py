@@ -44,8 +44,11 @@ class Settings(BaseSettings):
         0, ge=0, description="onnxruntime on CPU: threads for a batch that runs while no other request is "
         "decoding or queued, where latency is what counts (0: all physical cores)")
     intra_op_spinning: bool = Field(
-        False, description="let idle ONNX Runtime threads busy-wait between ops: lower latency when the "
-        "machine is idle, less CPU left for decoding under load")
+        False, description="let ONNX Runtime threads of contended batches busy-wait between ops (steals CPU "
+        "from decoding under load)")
+    solo_intra_op_spinning: bool = Field(
+        True, description="let ONNX Runtime threads of uncontended batches busy-wait between ops (lower "
+        "latency; a request arriving meanwhile decodes slower)")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     verify_sha256: bool = Field(True, description="verify the artifact files' sha256 at start")

@@ -33,9 +33,9 @@ class OnnxRuntimeBackend(Backend):
         active = self.session.get_providers()
         self.solo_session = self.session
         if active == ["CPUExecutionProvider"] and settings.solo_intra_op_threads != settings.intra_op_threads:
-            # It runs only when nothing else waits for the CPU, so its threads may spin.
             self.solo_session = ort_session(path, providers=providers,
-                                            intra_op_threads=settings.solo_intra_op_threads, allow_spinning=True)
+                                            intra_op_threads=settings.solo_intra_op_threads,
+                                            allow_spinning=settings.solo_intra_op_spinning)
         self.device = "cuda" if any(p != "CPUExecutionProvider" for p in active) else "cpu"
         self.precision = "fp16" if active and active[0] == "TensorrtExecutionProvider" else "fp32"
         self.providers = active
