@@ -166,41 +166,42 @@ def build_emoji_dataset(opts: EmojiOptions) -> dict[str, Path]:
     return paths
 
 
-def _browse_set(out: Path, held: list[dict], images_of, labels) -> dict[str, Path]:
-    """Flashlight: one artist's image queries the other artists' images; relevant = same subcategory."""
+def _versus_other_artists(out: Path, name: str, held: list[dict], images_of, labels,
+                          render=None) -> dict[str, Path]:
+    """One artist's image (rotating through the artists) is the query, optionally re-rendered by
+    `render(k, path) -> path`; the other artists' clean images of the same emoji are the gallery."""
     query, gallery = [], []
     for k, e in enumerate(held):
         imgs = images_of(e)
         q = k % len(imgs)
-        query.append(Record(imgs[q][1], labels(e)))
+        query.append(Record(render(k, imgs[q][1]) if render else imgs[q][1], labels(e)))
         gallery += [Record(p, labels(e)) for j, (_, p) in enumerate(imgs) if j != q]
-    paths = {"browse_query": out / "eval" / "browse_query.jsonl",
-             "browse_gallery": out / "eval" / "browse_gallery.jsonl"}
-    write_manifest(paths["browse_query"], query)
-    write_manifest(paths["browse_gallery"], gallery)
+    paths = {f"{name}_query": out / "eval" / f"{name}_query.jsonl",
+             f"{name}_gallery": out / "eval" / f"{name}_gallery.jsonl"}
+    write_manifest(paths[f"{name}_query"], query)
+    write_manifest(paths[f"{name}_gallery"], gallery)
     return paths
+
+
+def _browse_set(out: Path, held: list[dict], images_of, labels) -> dict[str, Path]:
+    """Flashlight: one artist's image queries the other artists' images; relevant = same subcategory."""
+    return _versus_other_artists(out, "browse", held, images_of, labels)
 
 
 def _camera_set(out: Path, held: list[dict], images_of, labels, seed: int) -> dict[str, Path]:
     """Lens: a camera-like rendering of one artist's image queries the other artists' clean images."""
     folder = out / "eval" / "camera"
     folder.mkdir(parents=True, exist_ok=True)
-    query, gallery = [], []
-    for k, e in enumerate(held):
-        imgs = images_of(e)
-        q = k % len(imgs)
+
+    def photograph(k: int, source: Path) -> Path:
         rng = np.random.default_rng([seed, 17, k])
-        with Image.open(imgs[q][1]) as im:
+        with Image.open(source) as im:
             photo = camera_view(im.convert("RGBA").resize((128, 128), Image.Resampling.BICUBIC), rng)
         path = folder / f"{k:05d}.jpg"
         photo.save(path, quality=95)
-        query.append(Record(path, labels(e)))
-        gallery += [Record(p, labels(e)) for j, (_, p) in enumerate(imgs) if j != q]
-    paths = {"camera_query": out / "eval" / "camera_query.jsonl",
-             "camera_gallery": out / "eval" / "camera_gallery.jsonl"}
-    write_manifest(paths["camera_query"], query)
-    write_manifest(paths["camera_gallery"], gallery)
-    return paths
+        return path
+
+    return _versus_other_artists(out, "camera", held, images_of, labels, photograph)
 
 
 def _scene_set(out: Path, held: list[dict], images_of, labels, seed: int, scenes: int) -> dict[str, Path]:
