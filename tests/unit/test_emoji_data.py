@@ -79,6 +79,9 @@ def test_builds_manifests_holdout_and_eval_sets(cache: Path, tmp_path: Path) -> 
     assert len(scenes) == 5 and all(r.labels["identity"] in held for r in scenes)
     assert len(read_manifest(paths["scene_gallery"])) == 12
     assert not (out / "raw" / "apple" / "package" / "README.md").exists()  # only JSON and PNGs extracted
+    moved = tmp_path / "moved"
+    out.rename(moved)  # manifests hold relative paths: the dataset folder can move
+    assert all(r.image.exists() for r in read_manifest(moved / "eval" / "browse_gallery.jsonl"))
 
 
 def test_skin_tones_as_identities_and_determinism(cache: Path, tmp_path: Path) -> None:

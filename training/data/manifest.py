@@ -11,6 +11,7 @@ as a manifest with the folder name as the label.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,15 +91,15 @@ def folder_manifest(root: str | Path, label_key: str = "label") -> list[Record]:
 
 
 def write_manifest(path: str | Path, records: Iterable[Record]) -> int:
-    """Write records with image paths relative to the manifest's folder when possible."""
+    """Write records with image paths relative to the manifest's folder (`../` included), so a
+    dataset folder can be moved or copied as a whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve()
     n = 0
     with path.open("w") as fh:
         for r in records:
-            img = r.image.resolve()
-            rel = img.relative_to(base) if img.is_relative_to(base) else img
+            rel = Path(os.path.relpath(r.image.resolve(), base))
             fh.write(json.dumps({"image": rel.as_posix(), "labels": r.labels}, ensure_ascii=False) + "\n")
             n += 1
     return n
