@@ -309,15 +309,32 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
+                     only_tasks: list[str] | None = None) -> TrainConfig:
+    """Build and validate a config. `only_tasks` keeps just the named tasks (single-task ablations
+    of a multi-task config) and drops dataset options of manifests no kept task uses."""
     tree = dict(raw or {})
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    if only_tasks:
+        tasks = [t for t in tree.get("tasks") or [] if isinstance(t, dict)]
+        unknown = set(only_tasks) - {t.get("name") for t in tasks}
+        if unknown:
+            raise ConfigError(f"--only-tasks: no task named {', '.join(sorted(unknown))} "
+                              f"(the config has {', '.join(str(t.get('name')) for t in tasks)})")
+        tree["tasks"] = [t for t in tasks if t.get("name") in only_tasks]
+        used = {m for t in tree["tasks"] for m in ([t["manifest"]] if isinstance(t.get("manifest"), str)
+                                                    else t.get("manifest") or [])}
+        data = tree.get("data")
+        if isinstance(data, dict) and data.get("datasets"):
+            tree["data"] = data | {"datasets": [d for d in data["datasets"]
+                                                if not isinstance(d, dict) or d.get("manifest") in used]}
     cfg = _build(TrainConfig, tree, "")
     return cfg.validate()
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                only_tasks: list[str] | None = None) -> TrainConfig:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -327,7 +344,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return config_from_dict(raw, overrides)
+    return config_from_dict(raw, overrides, only_tasks)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

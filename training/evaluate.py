@@ -177,6 +177,47 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class PixelBaseline(torch.nn.Module):
+    """The downsampled-pixels baseline: the preprocessed image averaged down to `grid` x `grid`,
+    flattened and L2-normalized (3 * grid**2 dimensions; binary = sign of the normalized pixels)."""
+
+    def __init__(self, grid: int = 16) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float(), self.grid).flatten(1)
+        return torch.nn.functional.normalize(pooled, dim=1)
+
+
+BASELINES = ("pixels", "untrained")
+
+
+def evaluate_baseline(config: str | Path, baseline: str, out: str | Path, num_workers: int = 2) -> dict[str, dict]:
+    """`uembed evaluate --config C --baseline B`: the config's eval sets embedded by 16x16 pixels or
+    by the config's network with its seeded initial weights (no training)."""
+    from training.config import load_config
+    from training.model import UnifiedEmbeddingModel
+
+    cfg = load_config(config)
+    if not cfg.eval:
+        raise ValueError(f"{config}: the config names no eval sets")
+    if baseline == "pixels":
+        model: torch.nn.Module = PixelBaseline(16)
+    elif baseline == "untrained":
+        torch.manual_seed(cfg.seed)
+        model = UnifiedEmbeddingModel(cfg.model)
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(BASELINES)}")
+    results = evaluate_sets(model, cfg.eval, cfg.preprocess_spec, "cpu", num_workers)
+    report = {"baseline": baseline, "config": str(config), "results": results}
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2))
+    out_path.with_suffix(".md").write_text(markdown_table(results))
+    return report
+
+
 def evaluate_run(run: str | Path, out: str | Path | None = None, device: str = "cpu",
                  num_workers: int = 2) -> dict[str, dict]:
     """`uembed evaluate`: the run's newest checkpoint on the eval sets its config names."""

@@ -7,12 +7,15 @@ import json
 import sys
 from collections.abc import Sequence
 
+from uembed.errors import UserError
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.train import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    only = [t.strip() for t in args.only_tasks.split(",") if t.strip()] if args.only_tasks else None
+    cfg = load_config(args.config, args.overrides, only)
     run_dir = args.out or f"runs/{cfg.name}"
     summary = run_training(cfg, run_dir, resume=not args.no_resume)
     print(json.dumps(summary))
@@ -20,9 +23,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_run, markdown_table
+    from training.evaluate import evaluate_baseline, evaluate_run, markdown_table
 
-    report = evaluate_run(args.run, args.out, device=args.device, num_workers=args.workers)
+    if args.baseline:
+        if not args.config or not args.out or args.run:
+            raise UserError("--baseline needs --config (whose eval sets to use) and --out, and no --run")
+        report = evaluate_baseline(args.config, args.baseline, args.out, num_workers=args.workers)
+    elif args.run:
+        report = evaluate_run(args.run, args.out, device=args.device, num_workers=args.workers)
+    else:
+        raise UserError("give --run RUN_DIR (a trained run) or --baseline with --config")
     print(markdown_table(report["results"]), end="")
     return 0
 
@@ -109,13 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="training config YAML (see configs/)")
     p.add_argument("--out", help="run directory (default runs/<config name>); an existing run resumes")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR has checkpoints")
+    p.add_argument("--only-tasks", metavar="NAMES",
+                   help="comma list: train only these tasks of the config (single-task ablations)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. optim.lr=0.1 tasks.identity.weight=2 train.epochs=3")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="retrieval metrics of a run's newest checkpoint on its eval sets")
-    p.add_argument("--run", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--run", help="run directory or checkpoint directory")
     p.add_argument("--out", help="JSON report path (default RUN_DIR/eval.json; a .md table is written beside)")
+    p.add_argument("--baseline", choices=["pixels", "untrained"],
+                   help="instead of a run: 16x16 downsampled pixels, or the --config network untrained")
+    p.add_argument("--config", help="training config whose eval sets and network a --baseline uses")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=2, help="image decoding workers")
     p.set_defaults(func=_cmd_evaluate)
@@ -172,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from uembed.errors import UserError
 
     args = build_parser().parse_args(argv)
     try:

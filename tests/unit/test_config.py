@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import build_config
-from training.config import ConfigError, load_config, save_config
+from training.config import ConfigError, config_from_dict, load_config, save_config
 from training.data.manifest import ManifestError, Vocabulary, folder_manifest, read_manifest
 
 
@@ -72,3 +73,13 @@ def test_folder_tree_and_vocabulary(tmp_path: Path, synth_dir: Path) -> None:
     assert read_manifest(tmp_path / "tree")[0].labels == {"label": "bags"}
     vocab = Vocabulary.from_records(read_manifest(synth_dir / "train.jsonl"), "attributes")
     assert vocab.names == sorted(vocab.names) and vocab.encode(["circle"]) == [vocab.index["circle"]]
+
+
+def test_only_tasks_keeps_the_named_tasks_and_their_datasets(tiny_config: dict[str, Any]) -> None:
+    cfg = config_from_dict(copy.deepcopy(tiny_config), ["tasks.identity.num_sampled=5"], only_tasks=["identity"])
+    assert [t.name for t in cfg.tasks] == ["identity"] and cfg.task("identity").num_sampled == 5
+    assert [d.manifest for d in cfg.data.datasets] == cfg.manifests()
+    cfg = config_from_dict(copy.deepcopy(tiny_config), only_tasks=["attributes", "pairs"])
+    assert [t.name for t in cfg.tasks] == ["attributes", "pairs"] and len(cfg.manifests()) == 2
+    with pytest.raises(ConfigError, match="no task named colour"):
+        config_from_dict(copy.deepcopy(tiny_config), only_tasks=["identity", "colour"])

@@ -2,8 +2,10 @@
 
 Every random choice comes from an explicit `numpy.random.Generator`, so a sample's augmentation
 depends only on its seed: data-loader workers, ranks and resumed runs all see the same pixels.
-The "camera" level models a phone photo of a product (Pinterest Lens): perspective, blur, noise,
-lighting, JPEG; the same functions render the camera evaluation queries.
+The "camera" level models the two shifts the evaluation measures: a phone photo of a product
+(Pinterest Lens: perspective, blur, noise, lighting, JPEG; the same functions render the camera
+evaluation queries) and a detector's crop out of a cluttered scene (Shop the Look: other objects
+cut by the crop edges, a loose box, a textured background).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import io
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from uembed.preprocess import PreprocessSpec
 
@@ -118,6 +120,31 @@ def camera_view(img: Image.Image, rng: np.random.Generator,
     return jpeg(out, int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1)))
 
 
+def scene_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Render `img` as a loose crop out of a cluttered scene: a textured background with 3-6 random
+    shapes (other objects, several of them cut by the crop edges), the product pasted at a random
+    scale, and a crop box around it jittered by up to 25% of its side on each edge."""
+    rgba = img.convert("RGBA")
+    side = max(rgba.size)
+    size = int(side * rng.uniform(2.0, 3.0))
+    canvas = background_texture((size, size), rng).convert("RGBA")
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(3, 7))):
+        x0, y0 = rng.uniform(-0.2, 1.0, 2) * size
+        w, h = rng.uniform(0.2, 0.6, 2) * side
+        box = [float(x0), float(y0), float(x0 + w), float(y0 + h)]
+        fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    scale = rng.uniform(0.6, 1.0)
+    pw, ph = max(1, round(rgba.size[0] * scale)), max(1, round(rgba.size[1] * scale))
+    px, py = int(rng.integers(0, size - pw)), int(rng.integers(0, size - ph))
+    canvas.alpha_composite(rgba.resize((pw, ph), Image.Resampling.BILINEAR), (px, py))
+    j = rng.uniform(0.0, 0.25, 4)
+    box = (max(0, round(px - j[0] * pw)), max(0, round(py - j[1] * ph)),
+           min(size, round(px + pw + j[2] * pw)), min(size, round(py + ph + j[3] * ph)))
+    return jpeg(canvas.convert("RGB").crop(box), int(rng.integers(70, 96)))
+
+
 class TrainTransform:
     """Augment a decoded image with a per-sample seed, then apply the shared preprocessing."""
 
@@ -128,9 +155,9 @@ class TrainTransform:
         if self.level == "none":
             return self.spec.to_array(img)
         rng = np.random.default_rng(seed)
-        rgb = self.spec.to_rgb(img) if self.level == "light" or rng.random() >= 0.5 else None
-        if rgb is None:
-            rgb = camera_view(img, rng)
+        # camera level: 40% clean, 30% camera photo, 30% scene crop.
+        u = rng.random() if self.level == "camera" else 0.0
+        rgb = self.spec.to_rgb(img) if u < 0.4 else camera_view(img, rng) if u < 0.7 else scene_crop(img, rng)
         # No horizontal flip: mirrored products (arrows, text, logos) are other identities.
         rgb = random_resized_crop(rgb, rng)
         rgb = color_jitter(rgb, rng)
