@@ -51,6 +51,9 @@ class Settings(BaseSettings):
         "latency; a request arriving meanwhile decodes slower)")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
+    cache_dir: str = Field(
+        "", description="writable folder for ONNX Runtime's TensorRT engine and timing caches on GPUs "
+        "(default: MODEL/.ort-cache; set it when the model folder is read-only)")
     verify_sha256: bool = Field(True, description="verify the artifact files' sha256 at start")
     warmup: bool = Field(True, description="run a batch of max_batch_size before reporting ready")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(

@@ -25,7 +25,8 @@ class OnnxRuntimeBackend(Backend):
         path = manifest.path("onnx")
         device = settings.device
         try:
-            providers = ort_providers(device, cache_dir=Path(manifest.root) / ".ort-cache")
+            cache = Path(settings.cache_dir) if settings.cache_dir else Path(manifest.root) / ".ort-cache"
+            providers = ort_providers(device, cache_dir=cache)
         except RuntimeError as e:
             raise BackendError(str(e)) from e
         self.session = ort_session(path, providers=providers, intra_op_threads=settings.intra_op_threads,

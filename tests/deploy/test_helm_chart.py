@@ -1,0 +1,220 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk) and checked against the Kubernetes
+schemas (kubernetes-validate): GPU and CPU values, autoscaling and monitoring on and off, model
+sources, probes, security, and values the schema refuses. No cluster needed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parents[2] / "k8s" / "uembed"
+KUBE_VERSIONS = ("1.30.0", "1.37.0")
+CRD_KINDS = {"ServiceMonitor"}  # not in the core schemas: checked field by field below
+
+
+@pytest.fixture(scope="module")
+def chart() -> helm_python.Chart:
+    return helm_python.Chart.load(str(CHART))
+
+
+def render(chart: helm_python.Chart, values: dict[str, Any] | None = None) -> dict[str, dict]:
+    """Rendered objects by kind (tests/ hooks under 'TestPod'); every object validated strictly."""
+    out: dict[str, dict] = {}
+    for path, text in chart.render(copy.deepcopy(values or {}), name="emb", namespace="ml").items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for obj in yaml.safe_load_all(text):
+            if not obj:
+                continue
+            if obj["kind"] not in CRD_KINDS:
+                for version in KUBE_VERSIONS:
+                    kubernetes_validate.validate(obj, version, strict=True)
+            key = "TestPod" if "/tests/" in path else obj["kind"]
+            assert key not in out, f"two {key} objects"
+            out[key] = obj
+    return out
+
+
+def pod_spec(objs: dict[str, dict]) -> dict:
+    return objs["Deployment"]["spec"]["template"]["spec"]
+
+
+def server(objs: dict[str, dict]) -> dict:
+    (container,) = [c for c in pod_spec(objs)["containers"] if c["name"] == "uembed"]
+    return container
+
+
+GPU = {}
+CPU = {"gpu": {"count": 0}, "resources": {"requests": {"cpu": "2", "memory": "2Gi"},
+                                          "limits": {"cpu": "4", "memory": "4Gi"}}}
+
+
+def test_lint_is_clean() -> None:
+    for values in (GPU, CPU):
+        report = helm_python.lint(str(CHART), copy.deepcopy(values), strict=True, kube_version="v1.30.0")
+        assert report["errors"] == [], report
+        assert all(m["severity"] < 2 for m in report["messages"]), report["messages"]
+
+
+def test_gpu_render_has_gpu_limits_toleration_probes_and_security(chart: helm_python.Chart) -> None:
+    objs = render(chart, GPU)
+    spec, c = pod_spec(objs), server(objs)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert c["image"].endswith(":0.1.0-gpu")
+    assert objs["ConfigMap"]["data"]["UEMBED_DEVICE"] == "cuda"
+    # Probes: a long startup window (model load + TensorRT build), readiness on /readyz, liveness on /healthz.
+    startup = c["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["livenessProbe"]["timeoutSeconds"] <= 2
+    # Shutdown: preStop lets endpoints drop the pod; the grace period outlasts preStop + drain.
+    assert "sleep" in " ".join(c["lifecycle"]["preStop"]["exec"]["command"])
+    drain = float(objs["ConfigMap"]["data"]["UEMBED_DRAIN_TIMEOUT_S"])
+    assert spec["terminationGracePeriodSeconds"] > drain + 5
+    # Security.
+    psc, csc = spec["securityContext"], c["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert csc["capabilities"]["drop"] == ["ALL"]
+    assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert {"/tmp", "/cache", "/dev/shm"} <= set(mounts)
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert objs["ConfigMap"]["data"]["UEMBED_CACHE_DIR"].startswith("/cache")
+    # Service account without a token; named ports; GPU-friendly rollout.
+    assert spec["automountServiceAccountToken"] is False
+    assert objs["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert {p["name"] for p in objs["Service"]["spec"]["ports"]} == {"http", "metrics"}
+    assert objs["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    assert objs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+
+
+def test_gpu_product_affinity_and_runtime_class(chart: helm_python.Chart) -> None:
+    objs = render(chart, {"gpu": {"count": 2, "products": ["NVIDIA-H100-80GB-HBM3"], "runtimeClassName": "nvidia"}})
+    spec = pod_spec(objs)
+    assert spec["runtimeClassName"] == "nvidia"
+    assert server(objs)["resources"]["limits"]["nvidia.com/gpu"] == 2
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product", "operator": "In",
+                                         "values": ["NVIDIA-H100-80GB-HBM3"]}]
+
+
+def test_cpu_render_has_none_of_the_gpu_settings(chart: helm_python.Chart) -> None:
+    gpu_only = {"count": 0, "products": ["NVIDIA-H100-80GB-HBM3"], "runtimeClassName": "nvidia"}
+    values = copy.deepcopy(CPU) | {"gpu": gpu_only}
+    objs = render(chart, values)
+    spec, c = pod_spec(objs), server(objs)
+    assert "nvidia" not in yaml.safe_dump(objs).lower()
+    assert "tolerations" not in spec and "affinity" not in spec and "runtimeClassName" not in spec
+    assert c["image"].endswith(":0.1.0-cpu")
+    assert objs["ConfigMap"]["data"]["UEMBED_DEVICE"] == "cpu"
+    assert c["resources"]["limits"] == {"cpu": "4", "memory": "4Gi"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("values", [GPU, CPU], ids=["gpu", "cpu"])
+def test_autoscaling_on_and_off(chart: helm_python.Chart, values: dict) -> None:
+    off = render(chart, values)
+    assert "HorizontalPodAutoscaler" not in off and off["Deployment"]["spec"]["replicas"] == 1
+    on = render(chart, copy.deepcopy(values) | {"autoscaling": {"enabled": True, "maxReplicas": 6}})
+    assert "replicas" not in on["Deployment"]["spec"]
+    hpa = on["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == on["Deployment"]["metadata"]["name"] and hpa["maxReplicas"] == 6
+    kinds = {m["type"]: m for m in hpa["metrics"]}
+    assert kinds["Pods"]["pods"]["metric"]["name"] == "uembed_queue_depth_images"
+    assert kinds["Resource"]["resource"]["name"] == "cpu"
+    cpu_only = render(chart, copy.deepcopy(values) | {"autoscaling": {"enabled": True,
+                                                                       "queueMetric": {"enabled": False}}})
+    assert [m["type"] for m in cpu_only["HorizontalPodAutoscaler"]["spec"]["metrics"]] == ["Resource"]
+
+
+def test_monitoring_on_and_off(chart: helm_python.Chart) -> None:
+    off = render(chart, {"monitoring": {"podAnnotations": False}})
+    assert "ServiceMonitor" not in off
+    assert "prometheus.io/scrape" not in off["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    on = render(chart, {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    sm = on["ServiceMonitor"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= on["Service"]["spec"]["selector"].items()
+    assert on["Deployment"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+
+
+def test_config_checksum_follows_server_settings(chart: helm_python.Chart) -> None:
+    def checksum(values: dict) -> str:
+        return render(chart, values)["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    base = checksum({})
+    assert base == checksum({})
+    assert base != checksum({"server": {"maxBatchSize": 32}})
+    objs = render(chart, {"server": {"maxBatchSize": 32, "extraEnv": {"UEMBED_MAX_IMAGE_PIXELS": 1000000}}})
+    assert objs["ConfigMap"]["data"]["UEMBED_MAX_BATCH_SIZE"] == "32"
+    assert objs["ConfigMap"]["data"]["UEMBED_MAX_IMAGE_PIXELS"] == "1000000"
+
+
+@pytest.mark.parametrize("source", ["initContainer", "pvc"])
+def test_model_from_init_container_or_pvc(chart: helm_python.Chart, source: str) -> None:
+    values = {"model": {"source": source, "pvc": {"claimName": "models"},
+                        "initContainer": {"image": "busybox:1.36", "command": ["sh", "-c", "cp -r /src/. $MODEL_DIR"]}}}
+    objs = render(chart, values)
+    spec = pod_spec(objs)
+    assert objs["ConfigMap"]["data"]["UEMBED_MODEL"] == "/models/current"
+    mount = next(m for m in server(objs)["volumeMounts"] if m["mountPath"] == "/models/current")
+    assert mount["readOnly"] is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    if source == "pvc":
+        assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+        assert "initContainers" not in spec
+    else:
+        (init,) = spec["initContainers"]
+        assert "emptyDir" in volume and init["image"] == "busybox:1.36" and init["resources"]["limits"]
+        assert init["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_every_container_has_resources_and_the_test_pod_posts_an_image(chart: helm_python.Chart) -> None:
+    objs = render(chart, {"model": {"source": "initContainer", "initContainer": {"command": ["true"]}}})
+    pods = [pod_spec(objs), objs["TestPod"]["spec"]]
+    containers = [c for p in pods for c in [*p.get("initContainers", []), *p["containers"]]]
+    assert len(containers) == 3
+    for c in containers:
+        assert c["resources"]["requests"] and c["resources"]["limits"], c["name"]
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], c["name"]
+    test_pod = objs["TestPod"]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = test_pod["spec"]["containers"][0]["command"][-1]
+    env = {e["name"]: e["value"] for e in test_pod["spec"]["containers"][0]["env"]}
+    assert "/embed" in env["UEMBED_URL"] and objs["Service"]["metadata"]["name"] in env["UEMBED_URL"]
+    compile(script, "test-embed", "exec")  # the embedded Python is at least valid Python
+    assert "urlopen" in script and "binary" in script
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"gpu": {"count": -1}}, "/gpu/count"),
+        ({"server": {"backend": "tensorflow"}}, "/server/backend"),
+        ({"server": {"maxBatchSize": 0}}, "/server/maxBatchSize"),
+        ({"server": {"extraEnv": {"PATH": "/evil"}}}, "PATH. does not match"),
+        ({"model": {"source": "s3"}}, "/model/source"),
+        ({"replicas": 3}, "additional properties 'replicas'"),
+        ({"probes": {"startup": {"periodSeconds": "often"}}}, "/probes/startup/periodSeconds"),
+    ],
+)
+def test_values_that_break_the_schema_are_refused(chart: helm_python.Chart, values: dict, message: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=message):
+        chart.render(values, name="emb", namespace="ml")
+
+
+def test_pvc_without_a_claim_is_a_clear_error(chart: helm_python.Chart) -> None:
+    with pytest.raises(helm_python.HelmError, match="claimName is required"):
+        chart.render({"model": {"source": "pvc"}}, name="emb", namespace="ml")
