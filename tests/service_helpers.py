@@ -5,16 +5,62 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import numpy as np
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
 from service.backends.base import Backend
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(model: str, port: int, *flags: str) -> subprocess.Popen:
+    """`uembed serve` as a real process on 127.0.0.1:port, output captured; returns once /readyz is 200."""
+    proc = subprocess.Popen([sys.executable, "-m", "uembed.cli", "serve", "--model", model, "--host", "127.0.0.1",
+                             "--port", str(port), *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not become ready: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def serve_process(model: str, *flags: str) -> Iterator[str]:
+    """A ready `uembed serve` process; yields its base URL; stops it (SIGTERM) and checks it exited cleanly."""
+    port = free_port()
+    proc = start_serve(model, port, *flags)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            out = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0]
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
 
 
 class ServerThread:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,13 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_helpers import photo
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.service_helpers import free_port, photo, start_serve
 
 
 def _in_flight(url: str) -> float:
@@ -30,23 +21,11 @@ def _in_flight(url: str) -> float:
 
 @pytest.mark.slow
 def test_sigterm_answers_every_request_in_flight_then_exits_0(tiny_artifact: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uembed.cli", "serve", "--model", str(tiny_artifact), "--host", "127.0.0.1",
-         "--port", str(port), "--max-batch-size", "2", "--max-wait-ms", "1", "--decode-threads", "1",
-         "--drain-timeout-s", "30", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_serve(str(tiny_artifact), port, "--max-batch-size", "2", "--max-wait-ms", "1", "--decode-threads",
+                       "1", "--drain-timeout-s", "30", "--log-level", "warning")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
         # 24 requests x 6 large JPEGs: seconds of decoding on one decode thread.
         payloads = [[("image", (f"{i}-{j}.jpg", photo(i * 10 + j, size=(1024, 768)), "image/jpeg"))
                      for j in range(6)] for i in range(24)]
