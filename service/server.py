@@ -7,7 +7,6 @@ lets the batcher finish its queue, and the process exits 0.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
 from types import FrameType
@@ -52,7 +51,7 @@ def serve(overrides: dict[str, Any]) -> int:
     # uvicorn re-raises the captured signal with the previous handler after its graceful shutdown;
     # a no-op handler makes a drained SIGTERM end in exit status 0 instead of 143.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    asyncio.run(server.serve())
+    server.run()  # not asyncio.run(server.serve()): run() uses uvicorn's loop factory (uvloop when installed)
     if not server.started:
         print("uembed serve: error: the server did not start (see the log above)", file=sys.stderr)
         return 3
