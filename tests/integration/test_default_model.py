@@ -32,3 +32,37 @@ def test_default_settings_serve_the_default_model(monkeypatch: pytest.MonkeyPatc
     vec = np.array(resp.json()["embeddings"][0]["float"])
     assert vec.shape == (256,) and abs(np.linalg.norm(vec) - 1) < 1e-5
     assert info["backend"]["backend"] == "onnxruntime" and info["backend"]["device"] == "cpu"
+
+
+def test_default_model_matches_a_photo_to_its_own_recompressed_copy() -> None:
+    """Real photos (loadtest/photos): each one, re-encoded smaller at JPEG quality 60, is nearest to
+    its own original among all of them, and the binary codes agree."""
+    import io
+
+    from PIL import Image
+
+    from model_export.onnx import ort_session
+    from service.decode import DecodeLimits, decode_image
+    from uembed.preprocess import PreprocessSpec
+
+    m = load_manifest(ROOT / "models" / "default", verify=False)
+    spec = PreprocessSpec.from_dict(m.preprocess)
+    session = ort_session(m.path("onnx"))
+    limits = DecodeLimits(16 << 20, 50_000_000)
+    photos = sorted((ROOT / "loadtest" / "photos").glob("*.jpg"))
+    originals, copies = [], []
+    for path in photos:
+        data = path.read_bytes()
+        originals.append(decode_image(data, spec, limits))
+        with Image.open(io.BytesIO(data)) as im:
+            small = im.convert("RGB").resize((im.width * 3 // 4, im.height * 3 // 4))
+        buf = io.BytesIO()
+        small.save(buf, "JPEG", quality=60)
+        copies.append(decode_image(buf.getvalue(), spec, limits))
+    name = session.get_inputs()[0].name
+    a = session.run(None, {name: np.stack(originals)})[0]
+    b = session.run(None, {name: np.stack(copies)})[0]
+    assert len(photos) >= 10
+    assert (np.argmax(b @ a.T, axis=1) == np.arange(len(photos))).all()
+    hamming = ((b[:, None, :] > 0) != (a[None, :, :] > 0)).sum(-1)
+    assert (np.argmin(hamming, axis=1) == np.arange(len(photos))).all()
