@@ -301,6 +301,7 @@ async def model_info(state: Annotated[ServiceState, Depends(get_state)]) -> Resp
             "max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "max_queue_images": s.max_queue_images,
             "request_timeout_ms": s.request_timeout_ms, "max_request_timeout_ms": s.max_request_timeout_ms,
             "max_images_per_request": s.max_images_per_request, "max_image_bytes": s.max_image_bytes,
+            "inference_instances": state.batcher.instances if state.batcher else s.inference_instances,
             "max_request_bytes": s.max_request_bytes, "max_image_pixels": s.max_image_pixels,
         },
     })

@@ -84,7 +84,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
             raise BackendError(f"max_batch_size {settings.max_batch_size} exceeds what the {state.backend.name} "
                                f"backend accepts ({state.backend.max_batch_size})")
         state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="uembed-decode")
-        state.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="uembed-infer")
+        instances = min(settings.inference_instances, state.backend.max_instances)
+        state.infer_pool = ThreadPoolExecutor(instances, thread_name_prefix="uembed-infer")
         state.metrics.model_info.info({
             "name": manifest.name, "version": manifest.version, "dim": str(manifest.embedding_dim),
             "backend": state.backend.name, "precision": state.backend.precision, "device": state.backend.device,
@@ -98,7 +99,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
         state.batcher = Batcher(
             state.backend.embed, max_batch=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
             max_queue_images=settings.max_queue_images, metrics=state.metrics, executor=state.infer_pool,
-            embedding_dim=manifest.embedding_dim)
+            embedding_dim=manifest.embedding_dim, instances=instances)
         state.batcher.start()
         state.ready = True
         state.metrics.ready.set(1)

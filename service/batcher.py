@@ -88,14 +88,19 @@ def collect_batch(pending: deque[Job], max_batch: int, now: float) -> tuple[list
 
 class Batcher:
     def __init__(self, embed: Callable[[np.ndarray, bool], np.ndarray], *, max_batch: int, max_wait_s: float,
-                 max_queue_images: int, metrics: Metrics, executor: Executor, embedding_dim: int) -> None:
+                 max_queue_images: int, metrics: Metrics, executor: Executor, embedding_dim: int,
+                 instances: int = 1) -> None:
+        """`instances`: batches that may be in the backend at once (the executor needs that many
+        threads); a new batch is collected as soon as one of them is free."""
         self.embed, self.max_batch, self.max_wait_s = embed, max_batch, max_wait_s
         self.max_queue_images, self.metrics, self.executor = max_queue_images, metrics, executor
         self.embedding_dim = embedding_dim
+        self.instances = max(1, instances)
         self.pending: deque[Job] = deque()
         self.queued_images = 0
         self.decoding = 0  # requests admitted and still decoding: images that will join the queue soon
-        self.running = False  # a batch is in the backend
+        self.running = 0  # batches in the backend
+        self._in_flight: set[asyncio.Task[None]] = set()
         self.solo = False  # a lone request is taking the idle fast path
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -170,11 +175,13 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.pending or self.solo:
+            if not self.pending or self.running + int(self.solo) >= self.instances:
                 if self._closing and not self.pending:
+                    while self._in_flight:
+                        await asyncio.wait(set(self._in_flight))
                     return
-                # Nothing to do, or the idle fast path holds the inference thread: collecting now
-                # would park a batch behind it, past the reach of deadlines and disconnects.
+                # Nothing to do, or every instance busy (the idle fast path holds one): collecting
+                # now would park a batch behind them, past the reach of deadlines and disconnects.
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -190,37 +197,44 @@ class Batcher:
                 s.job.queue_seconds = max(s.job.queue_seconds, wait)
                 for _ in range(s.stop - s.start):
                     self.metrics.queue_seconds.observe(wait)
-            t0 = time.perf_counter()
-            self.running = True
-            contended = self.decoding > 0 or self.queued_images > 0
-            try:
-                out = await loop.run_in_executor(self.executor, self.embed, batch, contended)
-                out = np.asarray(out, dtype=np.float32)
-                if out.shape != (batch.shape[0], self.embedding_dim):
-                    raise RuntimeError(f"backend returned {out.shape}, expected {(batch.shape[0], self.embedding_dim)}")
-            except Exception as e:
-                log.exception("inference failed for a batch of %d images", batch.shape[0])
-                err = ApiError(500, "inference_failed", f"the model failed on this batch: {type(e).__name__}: {e}")
-                for job in {s.job for s in slices}:
-                    self._fail(job, err)
-                    job.cancel("inference_failed")  # its images still queued must not run
-                continue
-            finally:
-                self.running = False
-            dt = time.perf_counter() - t0
-            self.observe_batch(batch.shape[0], dt)
-            offset = 0
-            for s in slices:
-                n = s.stop - s.start
-                job = s.job
-                if job.results is None:
-                    job.results = np.empty((job.size, self.embedding_dim), dtype=np.float32)
-                job.results[s.start : s.stop] = out[offset : offset + n]
-                offset += n
-                job.filled += n
-                job.inference_seconds += dt
-                if job.filled == job.size and not job.future.done():
-                    job.future.set_result(job.results)
+            contended = self.decoding > 0 or self.queued_images > 0 or self.running > 0 or self.solo
+            self.running += 1
+            task = loop.create_task(self._infer(batch, slices, contended))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _infer(self, batch: np.ndarray, slices: list[Slice], contended: bool) -> None:
+        """Run one batch on the executor and hand each job its rows; a failure fails only its jobs."""
+        t0 = time.perf_counter()
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self.executor, self.embed, batch, contended)
+            out = np.asarray(out, dtype=np.float32)
+            if out.shape != (batch.shape[0], self.embedding_dim):
+                raise RuntimeError(f"backend returned {out.shape}, expected {(batch.shape[0], self.embedding_dim)}")
+        except Exception as e:
+            log.exception("inference failed for a batch of %d images", batch.shape[0])
+            err = ApiError(500, "inference_failed", f"the model failed on this batch: {type(e).__name__}: {e}")
+            for job in {s.job for s in slices}:
+                self._fail(job, err)
+                job.cancel("inference_failed")  # its images still queued must not run
+            return
+        finally:
+            self.running -= 1
+            self._wakeup.set()
+        dt = time.perf_counter() - t0
+        self.observe_batch(batch.shape[0], dt)
+        offset = 0
+        for s in slices:
+            n = s.stop - s.start
+            job = s.job
+            if job.results is None:
+                job.results = np.empty((job.size, self.embedding_dim), dtype=np.float32)
+            job.results[s.start : s.stop] = out[offset : offset + n]
+            offset += n
+            job.filled += n
+            job.inference_seconds += dt
+            if job.filled == job.size and not job.future.done():
+                job.future.set_result(job.results)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds

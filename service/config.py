@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     solo_intra_op_spinning: bool = Field(
         True, description="let ONNX Runtime threads of uncontended batches busy-wait between ops (lower "
         "latency; a request arriving meanwhile decodes slower)")
+    inference_instances: int = Field(
+        2, ge=1, le=16, description="batches that may run in the backend at once (CPU: several small "
+        "batches on one thread each use the cores better than one batch at a time; capped by what the "
+        "backend allows: tensorrt 1)")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     cache_dir: str = Field(

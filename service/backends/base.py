@@ -18,6 +18,8 @@ class Backend(ABC):
     name: str = "base"
     precision: str = "fp32"
     device: str = "cpu"
+    # Batches `embed` may run at once from different threads (1: the backend is not thread-safe).
+    max_instances: int = 1
 
     @property
     def max_batch_size(self) -> int:
@@ -26,7 +28,7 @@ class Backend(ABC):
 
     @abstractmethod
     def embed(self, batch: np.ndarray, contended: bool = True) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, D) float32. Called from one inference thread at a time.
+        """(N, 3, S, S) float32 -> (N, D) float32. Called from up to `max_instances` threads at once.
 
         `contended` is False when no other request is decoding or queued: a CPU backend may then
         use every core; when True, other work needs CPU while this batch runs."""

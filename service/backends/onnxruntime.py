@@ -20,6 +20,7 @@ from service.config import Settings
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    max_instances = 64  # InferenceSession.run is thread-safe
 
     def __init__(self, manifest: Manifest, settings: Settings) -> None:
         path = manifest.path("onnx")

@@ -58,8 +58,8 @@ def _run(coro):
 def make_batcher(embed, **kw) -> Batcher:
     opts = {"max_batch": 4, "max_wait_s": 0.01, "max_queue_images": 64}
     opts.update(kw)
-    return Batcher(embed, metrics=Metrics(opts["max_batch"]), executor=ThreadPoolExecutor(1), embedding_dim=2,
-                   **opts)
+    opts.setdefault("executor", ThreadPoolExecutor(1))
+    return Batcher(embed, metrics=Metrics(opts["max_batch"]), embedding_dim=2, **opts)
 
 
 def echo(batch: np.ndarray) -> np.ndarray:
@@ -187,6 +187,59 @@ def test_waits_only_while_more_images_are_on_their_way() -> None:
         big = b.submit(job(6).images, time.monotonic() + 60)  # 4 now, 2 still queued while they run
         await asyncio.wait_for(big.future, timeout=10)
         assert seen[1:] == [4, 2] and hints[1:] == [True, False]
+        await b.close(1.0)
+
+    _run(main())
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_bound_how_many_batches_run_at_once(instances: int) -> None:
+    async def main() -> None:
+        import threading
+
+        lock = threading.Lock()
+        active, peak = [0], [0]
+
+        def embed(batch: np.ndarray, contended: bool = True) -> np.ndarray:
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.05)
+            with lock:
+                active[0] -= 1
+            return echo(batch)
+
+        b = make_batcher(embed, max_batch=2, max_wait_s=0.0, instances=instances,
+                         executor=ThreadPoolExecutor(instances))
+        b.start()
+        # One request of 7 images spans 4 batches; its rows come back in order whatever finishes first.
+        big = b.submit(job(7, tag=10).images, time.monotonic() + 5)
+        small = [b.submit(job(1, tag=100 * (i + 1)).images, time.monotonic() + 5) for i in range(3)]
+        np.testing.assert_array_equal((await big.future)[:, 0], 10 + np.arange(7))
+        for i, j in enumerate(small):
+            np.testing.assert_array_equal((await j.future)[:, 0], [100 * (i + 1)])
+        assert peak[0] == instances
+        assert b.running == 0 and b.queued_images == 0
+        await b.close(1.0)
+
+    _run(main())
+
+
+def test_a_failing_batch_fails_only_its_requests_with_concurrent_instances() -> None:
+    async def main() -> None:
+        def embed(batch: np.ndarray, contended: bool = True) -> np.ndarray:
+            time.sleep(0.02)
+            if (batch[:, 0, 0, 0] == 666).any():
+                raise RuntimeError("poisoned")
+            return echo(batch)
+
+        b = make_batcher(embed, max_batch=1, max_wait_s=0.0, instances=2, executor=ThreadPoolExecutor(2))
+        b.start()
+        jobs = [b.submit(job(1, tag=t).images, time.monotonic() + 5) for t in (1, 666, 3, 4)]
+        results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        assert isinstance(results[1], ApiError) and results[1].status == 500
+        assert [r[0, 0] for i, r in enumerate(results) if i != 1] == [1, 3, 4]
+        assert b.alive
         await b.close(1.0)
 
     _run(main())
