@@ -2,7 +2,7 @@
 # The paper's ablation on the emoji data (docs/results.md): single-task models vs the unified one,
 # plus the pixel and untrained baselines, all on the eval sets of CONFIG, float and binary.
 # Every model trains with the same config, schedule and seed; only the task list differs.
-#   bash scripts/ablation.sh            # about 4 x 32 min of training on 2 CPU cores
+#   bash scripts/ablation.sh            # four trainings of 22-39 min each on 2 CPU cores (measured)
 # Needs the data first: .venv/bin/uembed data emoji --out data/emoji
 # An interrupted run resumes from its last checkpoint when the script is started again.
 set -euo pipefail

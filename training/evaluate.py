@@ -211,11 +211,15 @@ def evaluate_baseline(config: str | Path, baseline: str, out: str | Path, num_wo
         raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(BASELINES)}")
     results = evaluate_sets(model, cfg.eval, cfg.preprocess_spec, "cpu", num_workers)
     report = {"baseline": baseline, "config": str(config), "results": results}
-    out_path = Path(out)
+    _write_report(Path(out), report)
+    return report
+
+
+def _write_report(out_path: Path, report: dict) -> None:
+    """The JSON report and its markdown table beside it (.md)."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2))
-    out_path.with_suffix(".md").write_text(markdown_table(results))
-    return report
+    out_path.with_suffix(".md").write_text(markdown_table(report["results"]))
 
 
 def evaluate_run(run: str | Path, out: str | Path | None = None, device: str = "cpu",
@@ -229,8 +233,5 @@ def evaluate_run(run: str | Path, out: str | Path | None = None, device: str = "
         raise ValueError(f"{ckpt}: the run's config names no eval sets")
     results = evaluate_sets(model, cfg.eval, cfg.preprocess_spec, device, num_workers)
     report = {"checkpoint": str(ckpt), "results": results}
-    out_path = Path(out) if out else Path(run) / "eval.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2))
-    out_path.with_suffix(".md").write_text(markdown_table(results))
+    _write_report(Path(out) if out else Path(run) / "eval.json", report)
     return report

@@ -187,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -30,7 +30,7 @@ class Backend(ABC):
     def embed(self, batch: np.ndarray, contended: bool = True) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, D) float32. Called from up to `max_instances` threads at once.
 
-        `contended` is False when no other request is decoding or queued: a CPU backend may then
+        `contended` is False when no other request is decoding, queued or running: a CPU backend may then
         use every core; when True, other work needs CPU while this batch runs."""
 
     def health(self) -> dict[str, Any]:
