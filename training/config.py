@@ -104,6 +104,9 @@ class OptimConfig:
     gem_lr_mult: float = 10.0
     proxy_optimizer: Literal["sgd", "sparse_adam"] = "sgd"
     proxy_lr: float = 1.0
+    # Weight imprinting (0 = off): before each step, the proxies of the batch's classes move this far
+    # toward their class's mean batch embedding (training/proxies.py, ProxyBank.imprint).
+    proxy_imprint: float = 0.0
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: list[float] = field(default_factory=lambda: [0.6, 0.85])  # fractions of training
     step_gamma: float = 0.1
@@ -121,6 +124,11 @@ class TrainLoopConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
+    # Progressive resizing: the first `low_res_fraction` of the steps train on the batch downsampled
+    # to `low_res_size` px (a 64 px step costs a third of a 128 px one on CPU); the rest of the run
+    # trains at the model's input size, so BatchNorm and filters settle at the resolution it serves.
+    low_res_size: int = 0
+    low_res_fraction: float = 0.0
 
 
 @dataclass
@@ -199,6 +207,13 @@ class TrainConfig:
                 raise ConfigError(f"data.datasets[{d.manifest}]: m_per_class needs class_key")
         if self.train.epochs < 1:
             raise ConfigError("train.epochs must be >= 1")
+        if self.train.low_res_size:
+            if not 16 <= self.train.low_res_size < self.preprocess_spec.input_size:
+                raise ConfigError("train.low_res_size must be in [16, preprocess.input_size)")
+            if not 0 < self.train.low_res_fraction < 1:
+                raise ConfigError("train.low_res_fraction must be in (0, 1) when train.low_res_size is set")
+        if not 0 <= self.optim.proxy_imprint <= 1:
+            raise ConfigError("optim.proxy_imprint must be in [0, 1]")
         if self.optim.head_warmup_epochs >= self.train.epochs:
             raise ConfigError("optim.head_warmup_epochs must be < train.epochs")
         try:

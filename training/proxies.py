@@ -59,6 +59,15 @@ def sample_classes(
     return ProxySample(index, remapped)
 
 
+def _label_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, class) index pairs of every valid label in (B,) or (B, L) labels."""
+    labels = labels.cpu()
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
+    return rows, labels[rows, cols]
+
+
 class ProxyBank(nn.Module):
     """M x D class proxies on the CPU; `gather` returns rows whose gradient is sparse."""
 
@@ -76,6 +85,29 @@ class ProxyBank(nn.Module):
     def gather(self, index: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         rows = F.embedding(index, self.weight, sparse=True)
         return rows.to(device, non_blocking=True)
+
+    @torch.no_grad()
+    def imprint(self, labels: torch.Tensor, embeddings: torch.Tensor, rate: float) -> torch.Tensor:
+        """Move each batch class's proxy toward the mean of its batch embeddings (weight imprinting,
+        Qi et al. 2018, as a moving average): p <- normalize((1 - rate) p + rate mean). A sparse update
+        of the rows in `labels` only; returns their class ids.
+
+        Why: with 1,000s of classes and a few images each, a class shows up in one batch per epoch,
+        so gradient-only proxies get a handful of updates in a whole run and the trunk chases stale,
+        random targets (training loss stays at chance). Imprinting keeps the batch's proxies at the
+        current embedding of their class, so the softmax teaches the trunk from the first step.
+        `labels` is (B,) or (B, L) with IGNORE for missing/padding; `embeddings` (B, D) on any device.
+        """
+        rows, cls = _label_pairs(labels)
+        if cls.numel() == 0:
+            return cls
+        emb = F.normalize(embeddings.detach().float().cpu(), dim=1)[rows]
+        classes, inverse = torch.unique(cls, return_inverse=True)
+        sums = torch.zeros(classes.numel(), emb.shape[1]).index_add_(0, inverse, emb)
+        w = self.weight.data
+        old = F.normalize(w[classes], dim=1)
+        w[classes] = F.normalize((1.0 - rate) * old + rate * F.normalize(sums, dim=1), dim=1)
+        return classes
 
     def extra_repr(self) -> str:
         return f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, device=cpu"

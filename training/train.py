@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -273,6 +274,8 @@ class Trainer:
             emb, lab = embeddings[mask], lab[mask]
             if t.has_proxies:
                 bank = self.banks[t.name]
+                if self.cfg.optim.proxy_imprint > 0:
+                    bank.imprint(lab, emb, self.cfg.optim.proxy_imprint)
                 g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, step, 2000 + i))
                 sample = sample_classes(lab.cpu(), bank.num_classes, t.num_sampled, g)
                 proxies = bank.gather(sample.index, self.device)
@@ -291,6 +294,9 @@ class Trainer:
         if warm:
             self.model.trunk.eval()  # a frozen trunk keeps its BatchNorm statistics too
         images = images.to(self.device, non_blocking=True)
+        low = self.cfg.train.low_res_size
+        if low and step < self.cfg.train.low_res_fraction * self.total_steps:
+            images = F.interpolate(images, size=(low, low), mode="bilinear", antialias=True, align_corners=False)
         emb = self._embed(images, train_trunk=not warm)
         if self.dist.enabled:
             emb = _GatherWithGrad.apply(emb)

@@ -32,6 +32,9 @@ def test_overrides_by_dotted_path_and_task_name(tiny_config: dict[str, Any]) -> 
         ("optim.head_warmup_epochs=5", "head_warmup_epochs"),
         ("preprocess.resize=zoom", "preprocess"),
         ("justakey", "key=value"),
+        ("optim.proxy_imprint=1.5", "proxy_imprint"),
+        ("train.low_res_size=32", "low_res_size"),  # not below the 32 px input
+        ("train.low_res_size=16", "low_res_fraction"),
     ],
 )
 def test_bad_configs_name_the_key(tiny_config: dict[str, Any], override: str, message: str) -> None:

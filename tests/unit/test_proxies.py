@@ -79,3 +79,28 @@ def test_large_bank_sampling_is_exact_and_unique() -> None:
     assert torch.equal(s.index[s.labels], labels)
     # negatives reach the whole range, not only low ids
     assert int(s.index.max()) > 900_000 and int(s.index.min()) < 100_000
+
+
+def test_imprint_moves_only_batch_classes_toward_their_mean() -> None:
+    bank = ProxyBank(10, 4, torch.Generator().manual_seed(0))
+    before = bank.weight.detach().clone()
+    emb = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 3.0, 0]])
+    labels = torch.tensor([2, 2, 7])
+    touched = bank.imprint(labels, emb, rate=1.0)
+    assert touched.tolist() == [2, 7]
+    w = bank.weight.detach()
+    torch.testing.assert_close(w[2], torch.tensor([1.0, 1.0, 0, 0]) / 2**0.5)
+    torch.testing.assert_close(w[7], torch.tensor([0, 0, 1.0, 0]))
+    untouched = [i for i in range(10) if i not in (2, 7)]
+    assert torch.equal(w[untouched], before[untouched])
+
+
+def test_imprint_rate_blends_and_multilabel_padding_is_ignored() -> None:
+    bank = ProxyBank(5, 3, torch.Generator().manual_seed(1))
+    old = torch.nn.functional.normalize(bank.weight.detach()[[1, 4]].clone(), dim=1)
+    emb = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 5.0]])
+    labels = torch.tensor([[1, IGNORE], [1, 4]])  # class 1 in both rows, class 4 in the second
+    assert bank.imprint(labels, emb, rate=0.5).tolist() == [1, 4]
+    want = torch.nn.functional.normalize(0.5 * old + 0.5 * torch.tensor([0.0, 0.0, 1.0]), dim=1)
+    torch.testing.assert_close(bank.weight.detach()[[1, 4]], want)
+    assert bank.imprint(torch.full((2,), IGNORE), emb, rate=0.5).numel() == 0

@@ -117,3 +117,24 @@ def test_checkpoint_loads_as_an_eval_model(tiny_config: dict[str, Any], tmp_path
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"event": "train"' in log and '"event": "checkpoint"' in log and '"images_per_s"' in log
+
+
+def test_imprinting_sets_batch_proxies_to_class_means(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    trainer = Trainer(build_config(tiny_config, "optim.proxy_imprint=1"), tmp_path / "run")
+    _, labels = _batch(trainer)
+    emb = torch.nn.functional.normalize(torch.randn(16, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    trainer.task_losses(emb, labels, step=0)
+    ids = labels["identity"]
+    for c in set(ids[ids != IGNORE].tolist()):
+        mean = torch.nn.functional.normalize(emb[ids == c].mean(0), dim=0)
+        torch.testing.assert_close(trainer.banks["identity"].weight.detach()[c], mean)
+
+
+def test_low_res_phase_trains_on_downsampled_batches(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    cfg = build_config(tiny_config, "train.low_res_size=16", "train.low_res_fraction=0.5", "train.max_steps=4")
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen: list[int] = []
+    trainer.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[-1]))
+    for step in range(4):
+        trainer.train_step(*_batch(trainer, step))
+    assert seen == [16, 16, 32, 32]
