@@ -174,11 +174,11 @@ async def embed(
         state.client_gone()
         return Response(status_code=499)
 
-    if len(blobs) == 1 and state.active_requests == 1 and batcher.claim_idle():
+    if len(blobs) == 1 and (contended := batcher.claim_direct()) is not None:
         try:
-            return await _solo(request, state, blobs[0], deadline, output)
+            return await _direct(request, state, blobs[0], deadline, output, contended)
         finally:
-            batcher.release_idle()
+            batcher.release_direct()
 
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
@@ -226,9 +226,10 @@ def _gave_up(state: ServiceState, client_left: bool) -> Response:
     raise ApiError(504, "deadline_exceeded", "the request did not finish before its deadline")
 
 
-async def _solo(request: Request, state: ServiceState, blob: bytes, deadline: float, output: str) -> Response:
-    """The idle fast path: decode and embed one image in one hop on the inference thread (which
-    keeps inference serialized with the batcher). Same errors, deadline, disconnect and metrics."""
+async def _direct(request: Request, state: ServiceState, blob: bytes, deadline: float, output: str,
+                  contended: bool) -> Response:
+    """The direct path (Batcher.claim_direct): decode and embed one image in one hop on the inference
+    instance it claimed. Same errors, deadline, disconnect and metrics as the batched path."""
     assert state.backend is not None and state.batcher is not None
     backend = state.backend
 
@@ -237,7 +238,7 @@ async def _solo(request: Request, state: ServiceState, blob: bytes, deadline: fl
         x = state.decode_one(blob)
         t1 = time.perf_counter()
         try:
-            out = np.asarray(backend.embed(x[None], False), dtype=np.float32)
+            out = np.asarray(backend.embed(x[None], contended), dtype=np.float32)
         except Exception as e:
             raise ApiError(500, "inference_failed", f"the model failed on this image: {type(e).__name__}: {e}") from e
         return out, t1 - t0, time.perf_counter() - t1

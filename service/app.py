@@ -59,11 +59,9 @@ class RequestMetricsMiddleware:
             await send(message)
 
         metrics.in_flight.inc()
-        self.state.active_requests += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.state.active_requests -= 1
             metrics.in_flight.dec()
             metrics.requests.labels(str(status)).inc()
             metrics.request_seconds.labels(f"{status // 100}xx").observe(time.perf_counter() - t0)

@@ -101,7 +101,7 @@ class Batcher:
         self.decoding = 0  # requests admitted and still decoding: images that will join the queue soon
         self.running = 0  # batches in the backend
         self._in_flight: set[asyncio.Task[None]] = set()
-        self.solo = False  # a lone request is taking the idle fast path
+        self.direct = 0  # single-image requests decoding and embedding in one hop on an instance (claim_direct)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -130,18 +130,24 @@ class Batcher:
             self.pending.clear()
 
     # -- admission -----------------------------------------------------------------------------
-    def claim_idle(self) -> bool:
-        """True (and the claim is held until `release_idle`) when nothing is queued, decoding or
-        running: a lone single-image request (the caller checks it is the only one in the server)
-        may then decode and embed in one hop on the inference thread, since no batch could form
-        around it."""
-        if self.solo or self.running or self.pending or self.decoding or self._closing:
-            return False
-        self.solo = True
-        return True
+    def claim_direct(self) -> bool | None:
+        """The direct path for a single-image request: when nothing is queued or decoding and an
+        inference instance is free, the request takes that instance and decodes and embeds in one
+        hop on its thread (service/api.py, `_direct`): no batch could form around it, and the
+        hand-offs through the decode pool and the queue would only add latency. This is how the
+        service answers at low concurrency: a one-request-one-forward server, one hop per request.
 
-    def release_idle(self) -> None:
-        self.solo = False
+        Returns None when the request must take the batched path, else whether the backend is
+        contended (another instance is busy: run on the contended session's threads). The claim is
+        held until `release_direct`."""
+        if self.pending or self.decoding or self._closing or self.running + self.direct >= self.instances:
+            return None
+        contended = self.running + self.direct > 0
+        self.direct += 1
+        return contended
+
+    def release_direct(self) -> None:
+        self.direct -= 1
         self._wakeup.set()
 
     def begin_decode(self) -> None:
@@ -175,12 +181,12 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.pending or self.running + int(self.solo) >= self.instances:
+            if not self.pending or self.running + self.direct >= self.instances:
                 if self._closing and not self.pending:
                     while self._in_flight:
                         await asyncio.wait(set(self._in_flight))
                     return
-                # Nothing to do, or every instance busy (the idle fast path holds one): collecting
+                # Nothing to do, or every instance busy (direct requests hold theirs): collecting
                 # now would park a batch behind them, past the reach of deadlines and disconnects.
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -197,7 +203,7 @@ class Batcher:
                 s.job.queue_seconds = max(s.job.queue_seconds, wait)
                 for _ in range(s.stop - s.start):
                     self.metrics.queue_seconds.observe(wait)
-            contended = self.decoding > 0 or self.queued_images > 0 or self.running > 0 or self.solo
+            contended = self.decoding > 0 or self.queued_images > 0 or self.running > 0 or self.direct > 0
             self.running += 1
             task = loop.create_task(self._infer(batch, slices, contended))
             self._in_flight.add(task)
@@ -244,7 +250,11 @@ class Batcher:
 
     async def _wait_for_batch(self) -> None:
         """Until max_batch images are queued, the oldest has waited max_wait, or no more images are on
-        their way (no request still decoding): waiting for company that is not coming only adds latency."""
+        their way (no request still decoding): waiting for company that is not coming only adds latency.
+        No wait at all while another instance would stay free after this batch: the next images get that
+        instance as soon as they are decoded, so holding this batch for them only delays it."""
+        if self.running + self.direct + 1 < self.instances:
+            return
         oldest = self.pending[0].enqueued_at
         while self.queued_images < self.max_batch and self.decoding > 0 and not self._closing:
             remaining = oldest + self.max_wait_s - time.monotonic()

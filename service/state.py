@@ -29,7 +29,6 @@ class ServiceState:
     infer_pool: ThreadPoolExecutor | None = None
     ready: bool = False
     draining: bool = False
-    active_requests: int = 0  # /embed requests inside the app (the idle fast path needs to be alone)
     limits: DecodeLimits = field(init=False)
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@
 3. The naive server (naive_server.py: one request = one decode + one forward) under the same loads.
 
     .venv/bin/python bench/serve/run.py --model models/default --seconds 8
+    .venv/bin/python bench/serve/run.py --seconds 6 --repeat 3     # medians of 3 interleaved rounds
 """
 
 from __future__ import annotations
@@ -112,18 +113,28 @@ def bench_server(cmd: list[str], port: int, images_dir: Path, concurrencies: lis
         proc.wait(timeout=60)
 
 
+def median_runs(runs: list[dict]) -> dict:
+    """Per-key median of several loadgen results (each key of the first)."""
+    return {k: round(float(np.median([r[k] for r in runs])), 1) for k, v in runs[0].items() if not isinstance(v, str)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "default"))
     ap.add_argument("--images", help="folder of .jpg files (default: generated photos of mixed sizes)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds (uembed then naive each round, interleaved so drift hits both); the tables "
+                         "report each figure's median over the rounds")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--decode-threads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2,
                     help="ONNX Runtime intra-op threads of the pipeline limit and the naive server "
                          "(uembed serve runs with its defaults)")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `uembed serve` (repeatable), e.g. --serve-arg=--inference-instances=1")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         images_dir = Path(args.images) if args.images else Path(tmp)
@@ -136,20 +147,30 @@ def main() -> int:
         ours_cmd = [PY, "-m", "uembed.cli", "serve", "--model", args.model, "--host", "127.0.0.1", "--port",
                     str(port), "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
                     "--decode-threads", str(args.decode_threads),
-                    "--max-queue-images", "512", "--log-level", "warning"]
-        print("uembed serve:", file=sys.stderr)
-        ours, _ = bench_server(ours_cmd, port, images_dir, args.concurrency, args.seconds)
-        saturation = max(r["images_per_s"] for r in ours.values())
-        half = round(saturation / 2, 1)
-        _, ours_half = bench_server(ours_cmd, port, images_dir, [], args.seconds, rate=half)
+                    "--max-queue-images", "512", "--log-level", "warning", *args.serve_arg]
         naive_cmd = [PY, str(Path(__file__).with_name("naive_server.py")), args.model, str(port)]
-        print("naive server:", file=sys.stderr)
-        naive, naive_half = bench_server(naive_cmd, port, images_dir, args.concurrency, args.seconds, rate=half)
+        rounds: list[tuple[dict, dict, dict, dict, float]] = []
+        for r in range(args.repeat):
+            print(f"round {r + 1}/{args.repeat}, uembed serve:", file=sys.stderr)
+            ours, _ = bench_server(ours_cmd, port, images_dir, args.concurrency, args.seconds)
+            half = round(max(o["images_per_s"] for o in ours.values()) / 2, 1)
+            _, ours_half = bench_server(ours_cmd, port, images_dir, [], args.seconds, rate=half)
+            print(f"round {r + 1}/{args.repeat}, naive server:", file=sys.stderr)
+            naive, naive_half = bench_server(naive_cmd, port, images_dir, args.concurrency, args.seconds, rate=half)
+            print(f"  half load {half}/s: uembed {ours_half}, naive {naive_half}", file=sys.stderr)
+            rounds.append((ours, ours_half, naive, naive_half, half))
 
+    ours = {c: median_runs([rd[0][c] for rd in rounds]) for c in args.concurrency}
+    naive = {c: median_runs([rd[2][c] for rd in rounds]) for c in args.concurrency}
+    ours_half = median_runs([rd[1] for rd in rounds])
+    naive_half = median_runs([rd[3] for rd in rounds])
+    half = float(np.median([rd[4] for rd in rounds]))
+    saturation = max(o["images_per_s"] for o in ours.values())
+    of = f"medians of {args.repeat} rounds" if args.repeat > 1 else "one round"
     print(f"Pipeline limit (decode+preprocess+model in-process, best batch {limit['best_batch']}): "
           f"{limit['images_per_s']} images/s; by batch {limit['by_batch']}\n")
-    print(f"Saturation: uembed serve {saturation} images/s = {100 * saturation / limit['images_per_s']:.0f}% "
-          "of the pipeline limit\n")
+    print(f"Saturation ({of}): uembed serve {saturation} images/s = "
+          f"{100 * saturation / limit['images_per_s']:.0f}% of the pipeline limit\n")
     print("| concurrency | uembed images/s | uembed p50 ms | uembed p99 ms | naive images/s | naive p50 ms | "
           "naive p99 ms |")
     print("|---|---|---|---|---|---|---|")
@@ -157,9 +178,14 @@ def main() -> int:
         o, n = ours[c], naive[c]
         print(f"| {c} | {o['images_per_s']} | {o['p50_ms']} | {o['p99_ms']} | {n['images_per_s']} | "
               f"{n['p50_ms']} | {n['p99_ms']} |")
-    print(f"\nOpen loop at half saturation ({half} requests/s): uembed p50 {ours_half['p50_ms']} ms, "
-          f"p99 {ours_half['p99_ms']} ms ({ours_half['errors']} errors); naive p50 {naive_half['p50_ms']} ms, "
-          f"p99 {naive_half['p99_ms']} ms ({naive_half['errors']} errors, {naive_half['images_per_s']} achieved)")
+    print(f"\nOpen loop at half saturation ({half} requests/s, {of}): uembed p50 {ours_half['p50_ms']} ms, "
+          f"p99 {ours_half['p99_ms']} ms ({ours_half['errors']:g} errors); naive p50 {naive_half['p50_ms']} ms, "
+          f"p99 {naive_half['p99_ms']} ms ({naive_half['errors']:g} errors, {naive_half['images_per_s']} achieved)")
+    if args.repeat > 1:
+        print("\nEach round (uembed / naive images/s by concurrency; half-load p99 ms):")
+        for i, (o, oh, n, nh, h) in enumerate(rounds, 1):
+            cells = ", ".join(f"c{c} {o[c]['images_per_s']}/{n[c]['images_per_s']}" for c in args.concurrency)
+            print(f"- round {i}: {cells}; half load {h}/s p99 {oh['p99_ms']}/{nh['p99_ms']}")
     return 0
 
 

@@ -243,3 +243,47 @@ def test_a_failing_batch_fails_only_its_requests_with_concurrent_instances() -> 
         await b.close(1.0)
 
     _run(main())
+
+
+def test_direct_claims_a_free_instance_only_while_nothing_queues() -> None:
+    async def main() -> None:
+        b = make_batcher(echo, instances=2, executor=ThreadPoolExecutor(2))
+        b.start()
+        assert b.claim_direct() is False  # idle server: uncontended, all cores for it
+        assert b.claim_direct() is True  # the second instance, shared with the first request
+        assert b.claim_direct() is None  # both instances taken: the batched path
+        b.release_direct()
+        b.begin_decode()
+        assert b.claim_direct() is None  # another request decoding: it will queue, so join the batch
+        b.end_decode()
+        b.release_direct()
+        b.running = 1  # a batch in the backend
+        assert b.claim_direct() is True
+        b.release_direct()
+        b.running = 0
+        await b.close(1.0)
+        assert b.claim_direct() is None  # closing: no new work
+
+    _run(main())
+
+
+def test_a_batch_does_not_wait_for_company_while_another_instance_is_free() -> None:
+    async def main() -> None:
+        seen: list[int] = []
+
+        def embed(batch: np.ndarray, contended: bool = True) -> np.ndarray:
+            seen.append(batch.shape[0])
+            return echo(batch)
+
+        b = make_batcher(embed, max_batch=4, max_wait_s=30.0, instances=2, executor=ThreadPoolExecutor(2))
+        b.start()
+        b.begin_decode()
+        b.begin_decode()  # another request is still decoding
+        a = b.submit(job(1).images, time.monotonic() + 60)
+        b.end_decode()
+        await asyncio.wait_for(a.future, timeout=5)  # ran at once on the free instance, not after 30 s
+        assert seen == [1]
+        b.end_decode()
+        await b.close(1.0)
+
+    _run(main())
