@@ -75,12 +75,15 @@ def ort_providers(device: str = "cpu", cache_dir: str | Path | None = None) -> l
 
 
 def ort_session(path: Path | str, *, providers: list[Any] | None = None, intra_op_threads: int = 0,
-                inter_op_threads: int = 1, allow_spinning: bool = True) -> Any:
+                inter_op_threads: int = 1, allow_spinning: bool = True, spin_only_in_run: bool = False) -> Any:
     """An ONNX Runtime session tuned for batch inference: all graph optimizations, sequential
     execution, intra-op threads = physical cores unless given (0 lets ORT decide).
 
     allow_spinning=False stops idle intra-op threads from busy-waiting for the next op: in a
     server whose decode threads and event loop share the cores, spinning steals their CPU.
+    spin_only_in_run=True keeps the spinning inside Run() (fast op-to-op hand-offs) but stops it
+    the moment the last Run returns (`session.force_spinning_stop`), so the threads do not burn
+    the cores that the next request needs for decoding.
     """
     import onnxruntime as ort
 
@@ -91,6 +94,8 @@ def ort_session(path: Path | str, *, providers: list[Any] | None = None, intra_o
     opts.inter_op_num_threads = inter_op_threads
     if not allow_spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spin_only_in_run:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 

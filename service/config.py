@@ -53,10 +53,9 @@ class Settings(BaseSettings):
         2, ge=1, le=16, description="batches that may run in the backend at once (CPU: several small "
         "batches on one thread each use the cores better than one batch at a time; capped by what the "
         "backend allows: tensorrt 1)")
-    gil_switch_interval_ms: float = Field(
-        0.5, gt=0, le=100, description="Python's thread switch interval (sys.setswitchinterval): how long a "
-        "thread may keep the GIL while another waits for it. Python's 5 ms default lets the event loop hold "
-        "up a decode or inference thread that just came back from C code")
+    solo_spin_only_in_run: bool = Field(
+        True, description="stop the uncontended session's spinning threads the moment a run returns (ONNX "
+        "Runtime's session.force_spinning_stop): they spin between ops, not into the next request's decoding")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     cache_dir: str = Field(

@@ -48,7 +48,6 @@ def serve(overrides: dict[str, Any]) -> int:
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), lifespan="on", workers=1,
     )
     server = DrainingServer(config, app.state.uembed)
-    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     # uvicorn re-raises the captured signal with the previous handler after its graceful shutdown;
     # a no-op handler makes a drained SIGTERM end in exit status 0 instead of 143.
     signal.signal(signal.SIGTERM, lambda *_: None)

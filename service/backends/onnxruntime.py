@@ -37,7 +37,8 @@ class OnnxRuntimeBackend(Backend):
         if active == ["CPUExecutionProvider"] and settings.solo_intra_op_threads != settings.intra_op_threads:
             self.solo_session = ort_session(path, providers=providers,
                                             intra_op_threads=settings.solo_intra_op_threads,
-                                            allow_spinning=settings.solo_intra_op_spinning)
+                                            allow_spinning=settings.solo_intra_op_spinning,
+                                            spin_only_in_run=settings.solo_spin_only_in_run)
         self.device = "cuda" if any(p != "CPUExecutionProvider" for p in active) else "cpu"
         self.precision = "fp16" if active and active[0] == "TensorrtExecutionProvider" else "fp32"
         self.providers = active
