@@ -1,0 +1,77 @@
+"""Paired closed-loop comparison of server variants, for differences smaller than run-to-run drift.
+
+All variants run at once (each on its own 127.0.0.1 port, idle while the others are measured); the
+load generator visits them in turn for BLOCKS short blocks each, so a slow minute of the machine
+hits every variant alike. Prints each variant's images/s per block, the median, and the median of
+the per-block ratio to the first variant.
+
+A variant is `naive` (naive_server.py) or `uembed` followed by comma-separated `uembed serve`
+arguments, e.g. `uembed,--no-solo-spin-only-in-run`.
+
+    .venv/bin/python bench/serve/paired.py --concurrency 1 --blocks 8 naive uembed
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run import PY, ROOT, free_port, load, make_images, wait_ready  # noqa: E402
+
+
+def command(variant: str, model: str, port: int) -> list[str]:
+    kind, *extra = variant.split(",")
+    if kind == "naive":
+        return [PY, str(HERE / "naive_server.py"), model, str(port)]
+    if kind != "uembed":
+        raise SystemExit(f"unknown variant {variant!r}: naive or uembed[,ARGS]")
+    return [PY, "-m", "uembed.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", *extra]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--model", default=str(ROOT / "models" / "default"))
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of one block")
+    args = ap.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp)
+        make_images(images)
+        ports = [free_port() for _ in args.variants]
+        procs = [subprocess.Popen(command(v, args.model, p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for v, p in zip(args.variants, ports, strict=True)]
+        try:
+            for proc, port in zip(procs, ports, strict=True):
+                wait_ready(f"http://127.0.0.1:{port}", proc)
+                load(f"http://127.0.0.1:{port}", images, 2, concurrency=args.concurrency)  # warm-up
+            runs: dict[str, list[float]] = {v: [] for v in args.variants}
+            for _ in range(args.blocks):
+                for v, port in zip(args.variants, ports, strict=True):
+                    r = load(f"http://127.0.0.1:{port}", images, args.seconds, concurrency=args.concurrency)
+                    runs[v].append(r["images_per_s"])
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=60)
+    base = np.asarray(runs[args.variants[0]])
+    print(f"concurrency {args.concurrency}, {args.blocks} blocks of {args.seconds:g} s (images/s)")
+    for v, r in runs.items():
+        ratio = np.median(np.asarray(r) / base)
+        print(f"- {v}: median {np.median(r):.1f}, ratio to {args.variants[0]} {ratio:.3f}; blocks {r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
