@@ -378,6 +378,9 @@ class Trainer:
         if cfg.train.progress and self.dist.is_main:
             from tqdm import tqdm
 
+            # No tqdm monitor thread: a thread that wakes up for the GIL while the data loader forks
+            # its workers can leave a worker waiting for the GIL forever (a hung worker seen in CI).
+            tqdm.monitor_interval = 0
             progress = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
