@@ -41,9 +41,12 @@ async def get_batcher(state: Annotated[ServiceState, Depends(get_state)]) -> Bat
     return state.batcher
 
 
+def json_bytes(body: Any) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
+    return Response(json_bytes(body), status_code=status, media_type="application/json", headers=headers)
 
 
 # -- reading the payload ------------------------------------------------------------------------
@@ -264,12 +267,12 @@ async def _direct(request: Request, state: ServiceState, blob: bytes, deadline: 
 def _answer_body(state: ServiceState, embeddings: np.ndarray, output: str) -> bytes:
     """The 200 answer's JSON: provenance and the embeddings in `output` form."""
     assert state.manifest is not None and state.backend is not None
-    return orjson.dumps({
+    return json_bytes({
         "model": state.manifest.name, "version": state.manifest.version, "dim": state.manifest.embedding_dim,
         "backend": state.backend.name, "precision": state.backend.precision,
         "weights_sha256": state.manifest.weights_sha256[:12],
         "embeddings": encode(embeddings, output),  # type: ignore[arg-type]
-    }, option=orjson.OPT_SERIALIZE_NUMPY)
+    })
 
 
 def _answer(state: ServiceState, body: bytes, images: int, queue_s: float, inference_s: float,

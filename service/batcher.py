@@ -130,6 +130,11 @@ class Batcher:
             self.pending.clear()
 
     # -- admission -----------------------------------------------------------------------------
+    @property
+    def busy(self) -> int:
+        """Instances in use: batches in the backend plus direct requests."""
+        return self.running + self.direct
+
     def claim_direct(self) -> bool | None:
         """The direct path for a single-image request: when nothing is queued or decoding and an
         inference instance is free, the request takes that instance and decodes and embeds in one
@@ -140,9 +145,9 @@ class Batcher:
         Returns None when the request must take the batched path, else whether the backend is
         contended (another instance is busy: run on the contended session's threads). The claim is
         held until `release_direct`."""
-        if self.pending or self.decoding or self._closing or self.running + self.direct >= self.instances:
+        if self.pending or self.decoding or self._closing or self.busy >= self.instances:
             return None
-        contended = self.running + self.direct > 0
+        contended = self.busy > 0
         self.direct += 1
         return contended
 
@@ -181,7 +186,7 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.pending or self.running + self.direct >= self.instances:
+            if not self.pending or self.busy >= self.instances:
                 if self._closing and not self.pending:
                     while self._in_flight:
                         await asyncio.wait(set(self._in_flight))
@@ -203,7 +208,7 @@ class Batcher:
                 s.job.queue_seconds = max(s.job.queue_seconds, wait)
                 for _ in range(s.stop - s.start):
                     self.metrics.queue_seconds.observe(wait)
-            contended = self.decoding > 0 or self.queued_images > 0 or self.running > 0 or self.direct > 0
+            contended = self.decoding > 0 or self.queued_images > 0 or self.busy > 0
             self.running += 1
             task = loop.create_task(self._infer(batch, slices, contended))
             self._in_flight.add(task)
@@ -253,7 +258,7 @@ class Batcher:
         their way (no request still decoding): waiting for company that is not coming only adds latency.
         No wait at all while another instance would stay free after this batch: the next images get that
         instance as soon as they are decoded, so holding this batch for them only delays it."""
-        if self.running + self.direct + 1 < self.instances:
+        if self.busy + 1 < self.instances:
             return
         oldest = self.pending[0].enqueued_at
         while self.queued_images < self.max_batch and self.decoding > 0 and not self._closing:

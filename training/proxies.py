@@ -92,10 +92,9 @@ class ProxyBank(nn.Module):
         Qi et al. 2018, as a moving average): p <- normalize((1 - rate) p + rate mean). A sparse update
         of the rows in `labels` only; returns their class ids.
 
-        Why: with 1,000s of classes and a few images each, a class shows up in one batch per epoch,
-        so gradient-only proxies get a handful of updates in a whole run and the trunk chases stale,
-        random targets (training loss stays at chance). Imprinting keeps the batch's proxies at the
-        current embedding of their class, so the softmax teaches the trunk from the first step.
+        Meant for thousands of classes with a few images each, where a class shows up in one batch
+        per epoch and gradient-only proxies change a handful of times in a run. On the emoji data it
+        lowered the training loss but also retrieval (docs/training.md), so configs leave it off.
         `labels` is (B,) or (B, L) with IGNORE for missing/padding; `embeddings` (B, D) on any device.
         """
         rows, cls = _label_pairs(labels)
