@@ -8,9 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tqdm
 
 from training.config import SyntheticDataConfig, TrainConfig, config_from_dict
 from training.data.synthetic import generate_synthetic
+
+# No tqdm monitor thread in the test process, whoever creates the first bar: a thread that wakes for
+# the GIL while a data loader forks its workers left a worker waiting for the GIL forever (CI hangs in
+# test_resume_continues_bit_for_bit with the monitor thread alive in the pytest process).
+tqdm.tqdm.monitor_interval = 0
 
 
 @pytest.fixture(scope="session")
