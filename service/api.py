@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
@@ -32,7 +32,7 @@ async def get_state(request: Request) -> ServiceState:
     return request.app.state.uembed
 
 
-async def get_batcher(state: Annotated[ServiceState, Depends(get_state)]) -> Batcher:
+def ready_batcher(state: ServiceState) -> Batcher:
     # Not `is_ready()`: while draining, uvicorn already refuses new connections, and a request that
     # reaches us was accepted before the signal, so it is answered.
     if state.batcher is None or not state.ready or not state.batcher.alive:
@@ -159,30 +159,44 @@ async def _disconnected(request: Request) -> None:
 
 
 # -- routes -------------------------------------------------------------------------------------
-@router.post("/embed", summary="Embed one or more images", response_class=Response)
-async def embed(
-    request: Request,
-    batcher: Annotated[Batcher, Depends(get_batcher)],
-    state: Annotated[ServiceState, Depends(get_state)],
-    output: Annotated[str, Query(description="float | binary | both")] = "both",
-) -> Response:
+EMBED_OPENAPI: dict[str, Any] = {
+    "parameters": [{
+        "name": "output", "in": "query", "required": False,
+        "description": "float | binary | both: which form of each embedding the answer carries",
+        "schema": {"type": "string", "enum": list(OUTPUTS), "default": "both"},
+    }],
+    "requestBody": {"required": True, "content": {
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in RAW_CONTENT_TYPES},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "application/json": {"schema": {"type": "object", "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}}},
+    }},
+}
+
+
+# /embed takes only the Request: FastAPI's dependency and parameter resolution cost more of the
+# event loop's time per request than the rest of the route together (py-spy at concurrency 1), so
+# the state, the readiness check and `output` are read directly; EMBED_OPENAPI documents them.
+@router.post("/embed", summary="Embed one or more images", response_class=Response, openapi_extra=EMBED_OPENAPI)
+async def embed(request: Request) -> Response:
+    state: ServiceState = request.app.state.uembed
+    batcher = ready_batcher(state)
     settings = state.settings
+    output = request.query_params.get("output", "both")
     if output not in OUTPUTS:
         raise ApiError(400, "unknown_output", f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
     deadline = _deadline(request, state)
     body = await read_body(request, settings.max_request_bytes)
     blobs = await parse_images(request, body, settings.max_images_per_request)
     del body
+
+    if len(blobs) == 1 and (contended := batcher.claim_direct()) is not None:
+        return await _direct(state, batcher, blobs[0], deadline, output, contended)
+
     if await request.is_disconnected():
         state.client_gone()
         return Response(status_code=499)
-
-    if len(blobs) == 1 and (contended := batcher.claim_direct()) is not None:
-        try:
-            return await _direct(request, state, blobs[0], deadline, output, contended)
-        finally:
-            batcher.release_direct()
-
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     batcher.begin_decode()
@@ -230,15 +244,18 @@ def _gave_up(state: ServiceState, client_left: bool) -> Response:
     raise ApiError(504, "deadline_exceeded", "the request did not finish before its deadline")
 
 
-async def _direct(request: Request, state: ServiceState, blob: bytes, deadline: float, output: str,
+async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: float, output: str,
                   contended: bool) -> Response:
-    """The direct path (Batcher.claim_direct): decode, embed and encode the answer of one image in one
-    hop on the inference instance it claimed, so the event loop only parses and sends (at
-    concurrency 1, py-spy showed the answer's encoding on the loop as the difference to a
-    one-request-one-forward server). Same errors, deadline, disconnect and metrics as the batched
-    path."""
-    assert state.backend is not None and state.batcher is not None
-    backend, dim = state.backend, state.batcher.embedding_dim
+    """The direct path (Batcher.claim_direct, which the caller made): decode, embed and encode the
+    answer of one image in one hop on the inference instance it claimed, so the event loop only
+    parses and sends. The claim is released when that work ends, not when the request gives up.
+
+    Same errors, deadline and metrics as the batched path, with one difference: no watch for a
+    client that leaves. The work starts at once on an idle instance and cannot be aborted once
+    started, so a watcher task would only cost the event loop time on every request (py-spy at
+    concurrency 1); an answer to a client that left is dropped by uvicorn."""
+    assert state.backend is not None
+    backend, dim = state.backend, batcher.embedding_dim
 
     def work() -> tuple[bytes, float, float]:
         t0 = time.perf_counter()
@@ -253,14 +270,20 @@ async def _direct(request: Request, state: ServiceState, blob: bytes, deadline: 
             raise ApiError(500, "inference_failed", f"the backend returned {out.shape}")
         return _answer_body(state, out, output), t1 - t0, t2 - t1
 
-    future = asyncio.get_running_loop().run_in_executor(state.infer_pool, work)
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if we give up
-    done = await _wait(request, future, deadline)
-    if future not in done:
-        return _gave_up(state, bool(done))
-    body, decode_seconds, inference_seconds = future.result()
+    loop = asyncio.get_running_loop()
+    try:
+        running = state.infer_pool.submit(work)
+    except BaseException:
+        batcher.release_direct()
+        raise
+    running.add_done_callback(lambda _: loop.call_soon_threadsafe(batcher.release_direct))
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            body, decode_seconds, inference_seconds = await asyncio.wrap_future(running)
+    except TimeoutError:
+        raise ApiError(504, "deadline_exceeded", "the request did not finish before its deadline") from None
     state.metrics.queue_seconds.observe(0.0)
-    state.batcher.observe_batch(1, inference_seconds)
+    batcher.observe_batch(1, inference_seconds)
     return _answer(state, body, 1, 0.0, inference_seconds, decode_seconds)
 
 

@@ -76,9 +76,10 @@ def decode_image(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> np.
             if "truncated" in text or "premature end" in text.lower():
                 raise ApiError(400, "truncated_image", f"the image data ends early ({text})") from None
             raise ApiError(400, "corrupt_image", f"the image data cannot be decoded ({text})") from None
-        # A broken EXIF block must not fail an otherwise good image.
+        # A broken EXIF block must not fail an otherwise good image. In place: without an
+        # orientation tag the default returns a full-size copy (0.5 ms of the 8 ms a bench image takes).
         with contextlib.suppress(Exception):
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)
         try:
             return spec.to_array(im)
         except (OSError, ValueError) as e:
