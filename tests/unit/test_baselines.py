@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from training.data.augment import TrainTransform, scene_crop
+from training.data.augment import TrainTransform, scene_crop, zoom_out
 from training.evaluate import PixelBaseline, evaluate_baseline
 from uembed.cli import main
 from uembed.preprocess import PreprocessSpec
@@ -67,3 +67,27 @@ def test_scene_crop_is_seeded_and_keeps_the_product() -> None:
     outs = [t(product, s) for s in range(12)]
     assert all(o.shape == (3, 32, 32) for o in outs)
     assert np.array_equal(t(product, 3), outs[3])
+
+
+def test_zoom_out_pads_with_the_background_and_keeps_the_product_whole() -> None:
+    product = Image.new("RGB", (40, 30), (255, 0, 255))
+    out = zoom_out(product, np.random.default_rng(1), max_pad=0.35, fill=(255, 255, 255))
+    w, h = out.size
+    assert 40 <= w <= 40 + 2 * 14 and 30 <= h <= 30 + 2 * 11 and (w, h) != (40, 30)
+    arr = np.asarray(out, dtype=np.int32)
+    magenta = (arr[..., 0] == 255) & (arr[..., 1] == 0) & (arr[..., 2] == 255)
+    assert magenta.sum() == 40 * 30  # every product pixel, nothing cut
+    assert ((arr == 255).all(axis=2) | magenta).all()  # the rest is the fill
+    assert np.array_equal(np.asarray(zoom_out(product, np.random.default_rng(1))), np.asarray(out))
+
+
+def test_camera_level_shows_clean_drawings_zoomed_out_too() -> None:
+    # A drawing that fills its frame: some clean views must show the white margin of a zoom-out.
+    product = Image.new("RGBA", (64, 64), (255, 0, 255, 255))
+    t = TrainTransform(PreprocessSpec(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), "camera")
+    white_margin = 0
+    for seed in range(40):
+        x = t(product, seed)
+        border = np.concatenate([x[:, 0, :], x[:, -1, :], x[:, :, 0], x[:, :, -1]], axis=1)
+        white_margin += int((border.min(axis=0) > 0.6).mean() > 0.5)
+    assert 2 <= white_margin < 40
