@@ -92,8 +92,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
             size = state.spec.input_size
             for n in sorted({settings.max_batch_size, 1}):  # backends may keep a separate path for one image
                 warm = np.zeros((n, 3, size, size), dtype=np.float32)
-                for contended in (True, False, True, False):
-                    state.infer_pool.submit(state.backend.embed, warm, contended).result()
+                state.infer_pool.submit(state.backend.warmup, warm).result()
         state.batcher = Batcher(
             state.backend.embed, max_batch=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
             max_queue_images=settings.max_queue_images, metrics=state.metrics, executor=state.infer_pool,

@@ -33,5 +33,10 @@ class Backend(ABC):
         `contended` is False when no other request is decoding, queued or running: a CPU backend may then
         use every core; when True, other work needs CPU while this batch runs."""
 
+    def warmup(self, batch: np.ndarray) -> None:
+        """Run `batch` through every path `embed` may take (twice: first runs allocate)."""
+        for contended in (True, False, True, False):
+            self.embed(batch, contended)
+
     def health(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "precision": self.precision}

@@ -282,3 +282,27 @@ def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
         resp = httpx.get(f"{server.url}/readyz")
         assert resp.status_code == 503 and resp.json()["batcher_alive"] is False
         assert httpx.post(f"{server.url}/embed", content=solid(5)).status_code == 503
+
+
+def test_onnxruntime_sessions_contended_solo_and_quiet(tiny_artifact: Path) -> None:
+    import time
+
+    from model_export.manifest import load_manifest
+    from service.backends.onnxruntime import OnnxRuntimeBackend
+
+    manifest = load_manifest(tiny_artifact)
+    backend = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_spin_after_s=0.2))
+    assert len({id(backend.session), id(backend.solo_session), id(backend.quiet_session)}) == 3
+    assert backend.session_for(True) is backend.session
+    assert backend.session_for(False) is backend.solo_session  # contended a moment ago
+    time.sleep(0.25)
+    assert backend.session_for(False) is backend.quiet_session  # one at a time for 0.2 s
+    assert backend.session_for(True) is backend.session
+    assert backend.session_for(False) is backend.solo_session  # contention ends the quiet period
+    size = manifest.preprocess["input_size"]
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    outs = [s.run(None, {backend.input_name: x})[0] for s in (backend.session, backend.solo_session,
+                                                                backend.quiet_session)]
+    assert np.allclose(outs[0], outs[1], atol=1e-5) and np.allclose(outs[0], outs[2], atol=1e-5)
+    off = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_spin_after_s=0))
+    assert off.quiet_session is off.solo_session
