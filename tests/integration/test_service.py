@@ -252,6 +252,22 @@ def test_deadline_gives_504_and_the_images_leave_the_queue(tiny_artifact: Path) 
         assert metric(server.url, 'uembed_dropped_images_total{reason="deadline_exceeded"}') == 1
 
 
+def test_the_direct_path_keeps_its_deadline_and_frees_its_instance_when_the_work_ends(tiny_artifact: Path) -> None:
+    import time
+
+    backend = EchoBackend(32, delay_s=0.3)
+    app = echo_app(tiny_artifact, backend, max_batch_size=1, max_wait_ms=0.0)
+    with ServerThread(app) as server, httpx.Client() as c:
+        batcher = app.state.uembed.batcher
+        late = c.post(f"{server.url}/embed", content=solid(3), headers={"x-request-timeout-ms": "50"})
+        assert late.status_code == 504 and late.json()["error"] == "deadline_exceeded"
+        assert batcher.busy == 1  # the abandoned work still holds its instance ...
+        time.sleep(0.4)
+        assert batcher.busy == 0  # ... until it ends
+        ok = c.post(f"{server.url}/embed", content=solid(4))
+        assert ok.status_code == 200 and batcher.busy == 0
+
+
 def test_a_client_that_disconnects_is_dropped_before_inference(tiny_artifact: Path) -> None:
     import time
 
