@@ -93,6 +93,10 @@ class DataConfig:
     datasets: list[DatasetOptions] = field(default_factory=list)
     synthetic: SyntheticDataConfig | None = None
     augment: Literal["none", "light", "camera"] = "light"
+    # How loader workers start: fork is quickest on Linux; forkserver or spawn when the process
+    # already runs threads (forking then can deadlock a worker: a CI run hung that way in a test
+    # process that had served HTTP before).
+    worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
 
 
 @dataclass

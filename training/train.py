@@ -181,6 +181,7 @@ class Trainer:
             IndexedConcat(self.datasets), batch_sampler=self.sampler, collate_fn=collate,
             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0,
+            multiprocessing_context=cfg.data.worker_start if cfg.data.num_workers > 0 else None,
         )
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs

@@ -65,6 +65,9 @@ def test_a_training_step_updates_only_the_sampled_proxy_rows(tiny_config: dict[s
 def test_resume_continues_bit_for_bit(tiny_config: dict[str, Any], tmp_path: Path) -> None:
     tiny_config["train"].update(max_steps=6, checkpoint_every=3)
     tiny_config["data"]["num_workers"] = 2
+    # Not fork: the test process may already run threads (served HTTP in other tests), and a
+    # forked worker of such a process hung a CI run.
+    tiny_config["data"]["worker_start"] = "forkserver"
     cfg = build_config(tiny_config)
     Trainer(cfg, tmp_path / "straight").fit()
 
