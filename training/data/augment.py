@@ -163,9 +163,9 @@ class TrainTransform:
     The camera level draws one of three views: 40% clean (half of them zoomed out onto the alpha
     background), 30% camera photo, 30% scene crop; then a random crop and colour jitter. The
     zoom-out and the gentler crop of the photo and scene views (most of their margin kept) are the
-    v3 recipe: the v2 model lost more than half of its cross-artist identity precision (P@1 31.2 ->
-    13.9) when the query drawing was only resized and padded 5-35% with white, the first step of the
-    camera rendering (docs/results.md); random crops had only ever zoomed in.
+    v3 recipe: the v2 model lost half of its cross-artist identity precision (P@1 31.2 -> 15.0,
+    scripts/invariance.py) when the query drawing was only resized and padded 5-35% with white, the
+    first step of the camera rendering (docs/results.md); random crops had only ever zoomed in.
     """
 
     def __init__(self, spec: PreprocessSpec, level: Level = "light") -> None:
