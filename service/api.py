@@ -281,7 +281,7 @@ async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: 
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             body, decode_seconds, inference_seconds = await asyncio.wrap_future(running)
     except TimeoutError:
-        raise ApiError(504, "deadline_exceeded", "the request did not finish before its deadline") from None
+        return _gave_up(state, client_left=False)  # raises the 504
     state.metrics.queue_seconds.observe(0.0)
     batcher.observe_batch(1, inference_seconds)
     return _answer(state, body, 1, 0.0, inference_seconds, decode_seconds)
