@@ -95,7 +95,8 @@ def _cmd_data_emoji(args: argparse.Namespace) -> int:
     from training.data.emoji import EmojiOptions, build_emoji_dataset
 
     opts = EmojiOptions(out=Path(args.out), cache=Path(args.cache), artists=tuple(args.artists.split(",")),
-                        holdout=args.holdout, seed=args.seed, skin_tones=args.skin_tones, scenes=args.scenes)
+                        holdout=args.holdout, seed=args.seed, skin_tones=args.skin_tones, scenes=args.scenes,
+                        extra_artists=tuple(a for a in args.extra_artists.split(",") if a))
     paths = build_emoji_dataset(opts)
     print((Path(args.out) / "summary.json").read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--skin-tones", action="store_true", help="skin-tone variants as identities of their own")
     e.add_argument("--scenes", type=int, default=400, help="scene-crop queries to render")
+    e.add_argument("--extra-artists", default="google-2017,facebook-2017,messenger,emojione",
+                   help="training-only drawings from older pinned releases, written to train_extra.jsonl "
+                        "(never in the held-out split or the eval sets); '' for none")
     e.set_defaults(func=_cmd_data_emoji)
     f = dsub.add_parser("folder", help="manifest from an image-folder tree ROOT/CLASS/*.jpg")
     f.add_argument("root")

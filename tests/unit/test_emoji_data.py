@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.data.emoji import EmojiDataError, EmojiOptions, build_emoji_dataset
+from training.data.emoji import EmojiDataError, EmojiOptions, build_emoji_dataset, fetch_package
 from training.data.manifest import read_manifest
 
 ARTISTS = ("apple", "google")
@@ -26,7 +26,7 @@ def _emoji(i: int, sub: str, name: str, skins: bool = False, category: str = "Ob
     return e
 
 
-def _package(cache: Path, artist: str, entries: list[dict]) -> None:
+def _package(cache: Path, artist: str, entries: list[dict], version: str = "1.0.0", folder: str | None = None) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         def add(name: str, data: bytes) -> None:
@@ -42,8 +42,8 @@ def _package(cache: Path, artist: str, entries: list[dict]) -> None:
             png = io.BytesIO()
             shade = (37 * k + (0 if artist == "apple" else 90)) % 256
             Image.new("RGBA", (64, 64), (shade, 255 - shade, 128, 255)).save(png, format="PNG")
-            add(f"package/img/{artist}/64/{image}", png.getvalue())
-    (cache / f"emoji-datasource-{artist}-1.0.0.tgz").write_bytes(buf.getvalue())
+            add(f"package/img/{folder or artist}/64/{image}", png.getvalue())
+    (cache / f"emoji-datasource-{artist}-{version}.tgz").write_bytes(buf.getvalue())
 
 
 @pytest.fixture
@@ -96,3 +96,49 @@ def test_missing_npm_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EmojiDataError, match="npm is not installed"):
         build_emoji_dataset(EmojiOptions(out=tmp_path / "o", cache=tmp_path / "empty", artists=ARTISTS,
                                          npm="no-such-npm-binary"))
+
+
+def test_extra_artists_add_training_drawings_only(cache: Path, tmp_path: Path) -> None:
+    plain = build_emoji_dataset(EmojiOptions(out=tmp_path / "plain", cache=cache, artists=ARTISTS, scenes=3))
+    assert "train_extra" not in plain and not (tmp_path / "plain" / "train_extra.jsonl").exists()
+    held = {r.labels["identity"] for r in read_manifest(plain["browse_query"])}
+    trained = sorted(i for i in range(25) if f"1F{i:03X}" not in held)
+    # An older release (pinned as "messenger" 4.1.0) of emoji 0-24, held-out ones included: one
+    # training emoji's code carries FE0F there, another's drawing is flagged as missing.
+    old = [_emoji(i, f"sub{i % 4}", "old name") for i in range(25)]
+    qualified, flagged = trained[0], trained[1]
+    old[qualified] = old[qualified] | {"unified": f"1F{qualified:03X}-FE0F", "image": f"1f{qualified:03x}-fe0f.png"}
+    old[flagged] = old[flagged] | {"has_img_messenger": False}
+    _package(cache, "messenger", old, version="4.1.0")
+    paths = build_emoji_dataset(EmojiOptions(out=tmp_path / "more", cache=cache, artists=ARTISTS, scenes=3,
+                                             extra_artists=("messenger",), npm="no-such-npm"))
+    # The four-artist manifest and every evaluation set are byte for byte what they are without extras.
+    for name in ("train", "browse_query", "browse_gallery", "camera_query", "camera_gallery", "scene_gallery"):
+        assert paths[name].read_text() == plain[name].read_text(), name
+    train = read_manifest(paths["train"])
+    extra = read_manifest(paths["train_extra"])[len(train):]
+    expected = {f"1F{i:03X}" for i in trained if i != flagged}
+    assert held & {f"1F{i:03X}" for i in range(25)}  # the old release does draw held-out emoji...
+    assert {r.labels["identity"] for r in extra} == expected and len(extra) == len(expected)  # ...left out
+    assert all("raw/messenger/package/img/messenger/64" in str(r.image) and r.image.exists() for r in extra)
+    # the FE0F-qualified old drawing is the current identity's
+    assert [r.labels["identity"] for r in extra if r.image.name == f"1f{qualified:03x}-fe0f.png"] == \
+        [f"1F{qualified:03X}"]
+    # the labels come from the current emoji.json, not the old release's names
+    assert not any("old" in r.labels.get("keywords", []) for r in extra)
+    summary = json.loads((tmp_path / "more" / "summary.json").read_text())
+    assert summary["extra_artists"]["messenger"] == {"package": "emoji-datasource-messenger@4.1.0",
+                                                     "train_images": len(expected)}
+    with pytest.raises(EmojiDataError, match="unknown extra artist"):
+        build_emoji_dataset(EmojiOptions(out=tmp_path / "x", cache=cache, artists=ARTISTS, extra_artists=("nope",)))
+
+
+def test_newest_cached_release_by_version_not_by_name(tmp_path: Path) -> None:
+    for name in ("emoji-datasource-google-3.0.0.tgz", "emoji-datasource-google-9.1.0.tgz",
+                 "emoji-datasource-google-16.0.0.tgz", "emoji-datasource-google-blob-1.0.0.tgz"):
+        (tmp_path / name).write_bytes(b"")
+    # "3.0.0" sorts after "16.0.0" as text; 3.0.0 is also the pinned training-only blob release.
+    assert fetch_package("google", tmp_path, npm="no-such-npm").name == "emoji-datasource-google-16.0.0.tgz"
+    pinned = fetch_package("google-2017", tmp_path, npm="no-such-npm", version="3.0.0",
+                           package="emoji-datasource-google")
+    assert pinned.name == "emoji-datasource-google-3.0.0.tgz"

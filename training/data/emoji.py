@@ -17,6 +17,12 @@ Decisions:
 - The "Component" category (skin-tone swatches, hair parts) is left out: they are not products.
 - A keyword is kept when at least `min_keyword_count` (3) training emoji carry it; rarer words
   would act as identity labels under another name.
+- Training-only artists (`EXTRA_ARTISTS`, recipe v4): older releases of the same packages carry
+  four more drawings of many emoji (Google's 2017 "blob" set, Facebook's 2017 set, Messenger,
+  EmojiOne), pinned by version. Their drawings of the training identities go into a second
+  manifest, `train_extra.jsonl` (the four artists' training images plus these). They never add
+  identities, never enter the held-out split or the evaluation sets, and drawings of held-out
+  identities are left out, so every evaluation set and baseline is the same as without them.
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ from training.data.manifest import Record, write_manifest
 from uembed.errors import UserError
 
 ARTISTS = ("apple", "google", "twitter", "facebook")
+# Training-only artists: key -> (npm package, pinned version, image folder name in the package).
+EXTRA_ARTISTS: dict[str, tuple[str, str, str]] = {
+    "google-2017": ("emoji-datasource-google", "3.0.0", "google"),       # the "blob" designs
+    "facebook-2017": ("emoji-datasource-facebook", "4.0.3", "facebook"),
+    "messenger": ("emoji-datasource-messenger", "4.1.0", "messenger"),
+    "emojione": ("emoji-datasource-emojione", "4.0.4", "emojione"),
+}
 STOPWORDS = {"a", "an", "and", "of", "the", "with", "in", "on", "for", "to", "without", "at", "or", "s"}
 
 
@@ -55,24 +68,44 @@ class EmojiOptions:
     min_keyword_count: int = 3
     scenes: int = 400
     npm: str = "npm"
+    extra_artists: tuple[str, ...] = ()
 
 
-def fetch_package(artist: str, cache: Path, npm: str = "npm") -> Path:
-    """The package tarball from the cache, or `npm pack` it into the cache (needs the npm registry)."""
+def _version_key(tarball: Path, package: str) -> tuple[int, ...]:
+    version = tarball.name[len(package) + 1:-len(".tgz")]
+    return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.-]", version))
+
+
+def fetch_package(artist: str, cache: Path, npm: str = "npm", version: str | None = None,
+                  package: str | None = None) -> Path:
+    """The package tarball from the cache, or `npm pack` it into the cache (needs the npm registry).
+
+    `package` defaults to emoji-datasource-ARTIST. Without `version`, the newest cached release
+    (by version number, not by name), else the registry's latest; with it, exactly that release.
+    """
+    package = package or f"emoji-datasource-{artist}"
+    pattern = f"{package}-{version}.tgz" if version else f"{package}-[0-9]*.tgz"
+    spec = f"{package}@{version}" if version else package
+
+    def cached() -> list[Path]:
+        found = cache.glob(pattern)
+        if not version:  # pinned training-only releases of the same package are not "the newest"
+            pinned = {f"{pkg}-{ver}.tgz" for pkg, ver, _ in EXTRA_ARTISTS.values()}
+            found = (p for p in found if p.name not in pinned)
+        return sorted(found, key=lambda p: _version_key(p, package))
+
     cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache.glob(f"emoji-datasource-{artist}-*.tgz"))
-    if found:
+    if found := cached():
         return found[-1]
     if shutil.which(npm) is None:
-        raise EmojiDataError(f"npm is not installed and {cache} has no emoji-datasource-{artist}-*.tgz: "
+        raise EmojiDataError(f"npm is not installed and {cache} has no {pattern}: "
                              "install Node.js/npm (apt-get install npm) or put the tarballs there")
-    out = subprocess.run([npm, "pack", f"emoji-datasource-{artist}", "--pack-destination", str(cache)],
+    out = subprocess.run([npm, "pack", spec, "--pack-destination", str(cache)],
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
-        raise EmojiDataError(f"npm pack emoji-datasource-{artist} failed: {out.stderr.strip()[-500:]}")
-    found = sorted(cache.glob(f"emoji-datasource-{artist}-*.tgz"))
-    if not found:
-        raise EmojiDataError(f"npm pack emoji-datasource-{artist} wrote no tarball into {cache}")
+        raise EmojiDataError(f"npm pack {spec} failed: {out.stderr.strip()[-500:]}")
+    if not (found := cached()):
+        raise EmojiDataError(f"npm pack {spec} wrote no tarball into {cache}")
     return found[-1]
 
 
@@ -112,6 +145,26 @@ def emoji_entries(emoji_json: Path, skin_tones: bool) -> list[dict]:
     return entries
 
 
+def _code_key(code: str) -> str:
+    """An emoji's code points without variation selectors: releases differ in which of them
+    carry FE0F (fully qualified or not), never in the emoji."""
+    return "-".join(c for c in code.upper().split("-") if c != "FE0F")
+
+
+def extra_artist_images(emoji_json: Path, folder: str, image_dir: Path) -> dict[str, Path]:
+    """An older release's drawings by code key (skin-tone variants included), only those whose
+    PNG the release really ships (`has_img_FOLDER`, and the file)."""
+    found: dict[str, Path] = {}
+    for e in json.loads(emoji_json.read_text()):
+        for v in [e, *(e.get("skin_variations") or {}).values()]:
+            path = image_dir / v["image"]
+            if v.get(f"has_img_{folder}", True) and path.exists():
+                for code in (v.get("unified"), v.get("non_qualified")):
+                    if code:
+                        found.setdefault(_code_key(code), path)
+    return found
+
+
 def build_emoji_dataset(opts: EmojiOptions) -> dict[str, Path]:
     """Fetch, extract and write train manifest + three evaluation sets; returns manifest paths."""
     out = opts.out
@@ -125,6 +178,14 @@ def build_emoji_dataset(opts: EmojiOptions) -> dict[str, Path]:
         emoji_json = emoji_json or js
         image_dirs[artist] = imgs
     assert emoji_json is not None
+    extra: dict[str, dict[str, Path]] = {}
+    for key in opts.extra_artists:
+        if key not in EXTRA_ARTISTS:
+            raise EmojiDataError(f"unknown extra artist {key!r}; choose from {', '.join(EXTRA_ARTISTS)}")
+        package, version, folder = EXTRA_ARTISTS[key]
+        tarball = fetch_package(key, opts.cache, opts.npm, version=version, package=package)
+        js, imgs = extract(tarball, folder, raw / key)
+        extra[key] = extra_artist_images(js, folder, imgs)
     entries = [e for e in emoji_entries(emoji_json, opts.skin_tones)
                if sum(1 for a in opts.artists if a in e["artists"] and (image_dirs[a] / e["image"]).exists()) >= 2]
     if len(entries) < 10:
@@ -155,6 +216,15 @@ def build_emoji_dataset(opts: EmojiOptions) -> dict[str, Path]:
     held_entries = [e for e in entries if e["unified"] in held]
     paths = {"train": out / "train.jsonl"}
     write_manifest(paths["train"], train)
+    extra_counts: dict[str, int] = {}
+    if extra:
+        more = []
+        for key, drawings in extra.items():
+            mine = [Record(drawings[k], labels(e)) for e in train_entries if (k := _code_key(e["unified"])) in drawings]
+            extra_counts[key] = len(mine)
+            more += mine
+        paths["train_extra"] = out / "train_extra.jsonl"
+        write_manifest(paths["train_extra"], train + more)
     paths |= _browse_set(out, held_entries, images_of, labels)
     paths |= _camera_set(out, held_entries, images_of, labels, opts.seed)
     paths |= _scene_set(out, held_entries, images_of, labels, opts.seed, opts.scenes)
@@ -162,6 +232,8 @@ def build_emoji_dataset(opts: EmojiOptions) -> dict[str, Path]:
         "artists": list(opts.artists), "identities": len(entries), "held_out": len(held_entries),
         "train_images": len(train), "keywords": len(keep), "skin_tones": opts.skin_tones,
         "subcategories": len({e["subcategory"] for e in entries}),
+        "extra_artists": {k: {"package": f"{EXTRA_ARTISTS[k][0]}@{EXTRA_ARTISTS[k][1]}", "train_images": n}
+                          for k, n in extra_counts.items()},
     }, indent=2))
     return paths
 
