@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -110,6 +110,14 @@ class EchoBackend(Backend):
         out[:, 0] = values
         out[:, 1] = 1.0
         return out
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Poll `condition` (instead of sleeping a fixed time that a loaded machine can outlast)."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 def echo_value(vec: list[float]) -> float:

@@ -17,7 +17,16 @@ from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
-from tests.service_helpers import EchoBackend, ServerThread, echo_value, encode_image, grey_value, photo, solid
+from tests.service_helpers import (
+    EchoBackend,
+    ServerThread,
+    echo_value,
+    encode_image,
+    grey_value,
+    photo,
+    solid,
+    wait_until,
+)
 
 CPU_BACKENDS = ["onnxruntime", "torchscript"]
 SNAPSHOT = Path(__file__).with_name("openapi_snapshot.json")
@@ -243,7 +252,7 @@ def test_deadline_gives_504_and_the_images_leave_the_queue(tiny_artifact: Path) 
         slow = pool.submit(c.post, f"{server.url}/embed", content=solid(1))
         import time
 
-        time.sleep(0.05)  # the first request occupies the backend
+        wait_until(lambda: len(backend.batches) > warmup, "the first request to occupy the backend")
         late = c.post(f"{server.url}/embed", content=solid(2), headers={"x-request-timeout-ms": "50"})
         assert late.status_code == 504 and late.json()["error"] == "deadline_exceeded"
         assert slow.result().status_code == 200
@@ -276,7 +285,7 @@ def test_a_client_that_disconnects_is_dropped_before_inference(tiny_artifact: Pa
             ThreadPoolExecutor(2) as pool:
         warmup = len(backend.batches)
         slow = pool.submit(httpx.post, f"{server.url}/embed", content=solid(1))
-        time.sleep(0.05)
+        wait_until(lambda: len(backend.batches) > warmup, "the first request to occupy the backend")
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{server.url}/embed", content=solid(2), timeout=0.1)  # gives up while queued
         assert slow.result().status_code == 200
