@@ -126,6 +126,9 @@ class TrainLoopConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = once per epoch
     keep_checkpoints: int = 2
+    # A step whose loss or gradient norm is not finite changes nothing (weights, proxies, optimizer
+    # state) and is logged; this many in a row stop the run with an error instead of training on NaN.
+    max_nonfinite_steps: int = 20
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     # Progressive resizing: the first `low_res_fraction` of the steps train on the batch downsampled

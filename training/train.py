@@ -148,6 +148,7 @@ class Trainer:
         self._build_data(load_classes(ckpt) if ckpt else None)
         self._build_model()
         self.step, self.epoch_of_step = 0, 0
+        self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
         if ckpt is not None:
             self._restore(ckpt)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -298,6 +299,8 @@ class Trainer:
         low = self.cfg.train.low_res_size
         if low and step < self.cfg.train.low_res_fraction * self.total_steps:
             images = F.interpolate(images, size=(low, low), mode="bilinear", antialias=True, align_corners=False)
+        # BatchNorm's running statistics change in the forward pass: kept to undo a non-finite step.
+        buffers = [b.detach().clone() for b in self.model.buffers()]
         emb = self._embed(images, train_trunk=not warm)
         if self.dist.enabled:
             emb = _GatherWithGrad.apply(emb)
@@ -318,15 +321,42 @@ class Trainer:
         if self.cfg.optim.grad_clip > 0 and not warm:
             self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
-        self.scaler.step(self.optimizer)
-        if self.proxy_optimizer is not None:
-            self.scaler.step(self.proxy_optimizer)
-        self.scaler.update()
+        # Every rank sees the same total (global batch) and the same all-reduced gradients, so
+        # every rank takes the same decision. With fp16 the scaler skips overflowing steps itself.
+        nonfinite = not math.isfinite(float(total.detach())) or (
+            not self.scaler.is_enabled() and not warm and self.cfg.optim.grad_clip > 0
+            and not math.isfinite(grad_norm))
+        if nonfinite:
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+            self._skip_nonfinite(step, float(total.detach()), grad_norm)
+        else:
+            self.nonfinite_in_a_row = 0
+            self.scaler.step(self.optimizer)
+            if self.proxy_optimizer is not None:
+                self.scaler.step(self.proxy_optimizer)
+            self.scaler.update()
         self.step += 1
         result = {name: float(v.detach()) for name, v in losses.items()}
         result["total"] = float(total.detach())
         result["grad_norm"] = grad_norm
         return result
+
+    def _skip_nonfinite(self, step: int, total: float, grad_norm: float) -> None:
+        """Drop this step's gradients: weights, proxies and optimizer moments stay as they were (and
+        the caller has put BatchNorm's statistics back)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.proxy_optimizer is not None:
+            self.proxy_optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        self._log({"event": "nonfinite_step", "step": step, "total": str(total), "grad_norm": str(grad_norm),
+                   "in_a_row": self.nonfinite_in_a_row})
+        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
+            raise RuntimeError(f"training diverged: {self.nonfinite_in_a_row} steps in a row up to step {step} had "
+                               f"a non-finite loss or gradient (last loss {total}, grad norm {grad_norm}); skipped "
+                               "steps change nothing, so the last checkpoint is sound: lower optim.lr or grad_clip")
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint(self) -> Path | None:
@@ -411,7 +441,8 @@ class Trainer:
             progress.close()
         elapsed = time.perf_counter() - t0
         summary = {"event": "end", "step": self.step, "seconds": round(elapsed, 2),
-                   "images_per_s": round(images_seen / max(elapsed, 1e-9), 2), "last": last}
+                   "images_per_s": round(images_seen / max(elapsed, 1e-9), 2),
+                   "nonfinite_steps": self.nonfinite_steps, "last": last}
         self._log(summary)
         return summary
 

@@ -38,3 +38,28 @@ def test_unused_head_layers_are_pruned_without_changing_features() -> None:
     trunk.eval()
     assert torch.equal(trunk.forward_features(x), before)
     assert prune_unused(trunk) == []  # nothing left to prune
+
+
+def _plain_gem(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return x.clamp(min=1e-6).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def test_gem_matches_the_plain_formula_and_does_not_overflow_where_it_does() -> None:
+    gem = GeM(p=4.5)
+    x = (torch.rand(2, 5, 3, 3, generator=torch.Generator().manual_seed(0)) * 20).requires_grad_()
+    out = gem(x)
+    out.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    p64 = gem.p.detach().double().requires_grad_()
+    ref = _plain_gem(x64, p64)
+    ref.sum().backward()
+    assert torch.allclose(out.double(), ref, rtol=1e-5)
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(gem.p.grad.double(), p64.grad, rtol=1e-4)
+    # Activations of 1e5 at p=8: x**p is 1e40, past float32's 3.4e38.
+    big = x.detach() * 5e3
+    gem8 = GeM(p=8.0)
+    assert not torch.isfinite(_plain_gem(big, gem8.p.detach())).all()
+    stable = gem8(big)
+    assert torch.isfinite(stable).all()
+    assert torch.allclose(stable.double(), _plain_gem(big.double(), gem8.p.detach().double()), rtol=1e-5)

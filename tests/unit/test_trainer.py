@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,7 @@ def test_resume_continues_bit_for_bit(tiny_config: dict[str, Any], tmp_path: Pat
 
 def test_head_warmup_freezes_the_trunk(tiny_config: dict[str, Any], tmp_path: Path) -> None:
     tiny_config["optim"]["head_warmup_epochs"] = 1
+    tiny_config["preprocess"]["input_size"] = 64  # 2x2 feature maps: on 1x1 maps GeM's p has no gradient
     trainer = Trainer(build_config(tiny_config), tmp_path / "run")
     trunk_before = {k: v.clone() for k, v in trainer.model.trunk.state_dict().items()}
     head_before = trainer.model.head.proj.weight.detach().clone()
@@ -141,3 +144,31 @@ def test_low_res_phase_trains_on_downsampled_batches(tiny_config: dict[str, Any]
     for step in range(4):
         trainer.train_step(*_batch(trainer, step))
     assert seen == [16, 16, 32, 32]
+
+
+def test_a_nonfinite_step_changes_nothing_and_a_run_of_them_stops_training(tiny_config: dict[str, Any],
+                                                                              tmp_path: Path) -> None:
+    tiny_config["train"]["max_nonfinite_steps"] = 3
+    trainer = Trainer(build_config(tiny_config), tmp_path / "run")
+    images, labels = _batch(trainer)
+    trainer.train_step(images, labels)  # a normal step first: the optimizer has moments to keep
+    model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    banks = {n: b.weight.detach().clone() for n, b in trainer.banks.items()}
+    moments = [t.clone() for st in trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    corrupt = images.clone()
+    corrupt[0] = float("nan")  # one bad image: a NaN loss, NaN gradients, NaN BatchNorm statistics
+    out = trainer.train_step(corrupt, labels)
+    assert math.isnan(out["total"]) and trainer.step == 2
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, model[k]), k  # weights and BatchNorm running statistics
+    assert all(torch.equal(b.weight, banks[n]) for n, b in trainer.banks.items())
+    after = [t for st in trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(after, moments, strict=True))
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "nonfinite_step"] == [1]
+    ok = trainer.train_step(images, labels)  # training goes on from the same weights
+    assert math.isfinite(ok["total"]) and not torch.equal(trainer.model.head.proj.weight, model["head.proj.weight"])
+    for _ in range(2):
+        trainer.train_step(corrupt, labels)
+    with pytest.raises(RuntimeError, match="3 steps in a row"):
+        trainer.train_step(corrupt, labels)
