@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--skin-tones", action="store_true", help="skin-tone variants as identities of their own")
     e.add_argument("--scenes", type=int, default=400, help="scene-crop queries to render")
-    e.add_argument("--extra-artists", default="google-2017,facebook-2017,messenger,emojione",
-                   help="training-only drawings from older pinned releases, written to train_extra.jsonl "
-                        "(never in the held-out split or the eval sets); '' for none")
+    e.add_argument("--extra-artists", default="",
+                   help="comma-separated training-only drawings from older pinned releases (google-2017, "
+                        "facebook-2017, messenger, emojione), written to train_extra.jsonl (never in the held-out "
+                        "split or the eval sets); none by default: they did not help (docs/results.md, v4)")
     e.set_defaults(func=_cmd_data_emoji)
     f = dsub.add_parser("folder", help="manifest from an image-folder tree ROOT/CLASS/*.jpg")
     f.add_argument("root")

@@ -17,7 +17,7 @@ Decisions:
 - The "Component" category (skin-tone swatches, hair parts) is left out: they are not products.
 - A keyword is kept when at least `min_keyword_count` (3) training emoji carry it; rarer words
   would act as identity labels under another name.
-- Training-only artists (`EXTRA_ARTISTS`, recipe v4): older releases of the same packages carry
+- Training-only artists (`EXTRA_ARTISTS`, recipe v4, off by default): older releases of the same packages carry
   four more drawings of many emoji (Google's 2017 "blob" set, Facebook's 2017 set, Messenger,
   EmojiOne), pinned by version. Their drawings of the training identities go into a second
   manifest, `train_extra.jsonl` (the four artists' training images plus these). They never add
