@@ -276,8 +276,8 @@ class Trainer:
             emb, lab = embeddings[mask], lab[mask]
             if t.has_proxies:
                 bank = self.banks[t.name]
-                if self.cfg.optim.proxy_imprint > 0:
-                    bank.imprint(lab, emb, self.cfg.optim.proxy_imprint)
+                if self.cfg.optim.proxy_imprint > 0 and bool(torch.isfinite(emb).all()):
+                    bank.imprint(lab, emb, self.cfg.optim.proxy_imprint)  # never a NaN into the bank
                 g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, step, 2000 + i))
                 sample = sample_classes(lab.cpu(), bank.num_classes, t.num_sampled, g)
                 proxies = bank.gather(sample.index, self.device)
