@@ -129,6 +129,8 @@ def test_extra_artists_add_training_drawings_only(cache: Path, tmp_path: Path) -
     summary = json.loads((tmp_path / "more" / "summary.json").read_text())
     assert summary["extra_artists"]["messenger"] == {"package": "emoji-datasource-messenger@4.1.0",
                                                      "train_images": len(expected)}
+    rebuilt = build_emoji_dataset(EmojiOptions(out=tmp_path / "more", cache=cache, artists=ARTISTS, scenes=3))
+    assert "train_extra" not in rebuilt and not (tmp_path / "more" / "train_extra.jsonl").exists()
     with pytest.raises(EmojiDataError, match="unknown extra artist"):
         build_emoji_dataset(EmojiOptions(out=tmp_path / "x", cache=cache, artists=ARTISTS, extra_artists=("nope",)))
 

@@ -17,9 +17,9 @@ Decisions:
 - The "Component" category (skin-tone swatches, hair parts) is left out: they are not products.
 - A keyword is kept when at least `min_keyword_count` (3) training emoji carry it; rarer words
   would act as identity labels under another name.
-- Training-only artists (`EXTRA_ARTISTS`, recipe v4, off by default): older releases of the same packages carry
-  four more drawings of many emoji (Google's 2017 "blob" set, Facebook's 2017 set, Messenger,
-  EmojiOne), pinned by version. Their drawings of the training identities go into a second
+- Training-only artists (`EXTRA_ARTISTS`, recipe v4, off by default): older releases of the same
+  packages carry four more drawings of many emoji (Google's 2017 "blob" set, Facebook's 2017 set,
+  Messenger, EmojiOne), pinned by version. Their drawings of the training identities go into a second
   manifest, `train_extra.jsonl` (the four artists' training images plus these). They never add
   identities, never enter the held-out split or the evaluation sets, and drawings of held-out
   identities are left out, so every evaluation set and baseline is the same as without them.
@@ -225,6 +225,8 @@ def build_emoji_dataset(opts: EmojiOptions) -> dict[str, Path]:
             more += mine
         paths["train_extra"] = out / "train_extra.jsonl"
         write_manifest(paths["train_extra"], train + more)
+    else:  # a rebuild without extras must not leave an earlier build's manifest behind
+        (out / "train_extra.jsonl").unlink(missing_ok=True)
     paths |= _browse_set(out, held_entries, images_of, labels)
     paths |= _camera_set(out, held_entries, images_of, labels, opts.seed)
     paths |= _scene_set(out, held_entries, images_of, labels, opts.seed, opts.scenes)
