@@ -160,6 +160,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             "version": opts.version or (f"s{step}-{weights_sha[:8]}" if step is not None else weights_sha[:12]),
             "embedding_dim": cfg.model.embedding_dim,
             "trunk": cfg.model.trunk,
+            "color_layout": cfg.model.color_layout,
             "checkpoint": str(ckpt),
             "step": step,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

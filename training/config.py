@@ -35,6 +35,9 @@ class ModelConfig:
     gem_p: float = 3.0
     gem_eps: float = 1e-6
     drop_rate: float = 0.0
+    # The input's average colour on a color_layout x color_layout grid (3 * grid**2 values), fed to
+    # the embedding head beside the pooled trunk features; 0 = off. docs/results.md, recipe v5.
+    color_layout: int = 0
     trunk_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,6 +207,8 @@ class TrainConfig:
                 raise ConfigError(f"tasks.{t.name}: need -1 <= neg_margin < pos_margin <= 1")
         if self.model.embedding_dim < 8:
             raise ConfigError("model.embedding_dim must be >= 8")
+        if self.model.color_layout < 0:
+            raise ConfigError("model.color_layout must be >= 0 (0 = off)")
         if self.data.images_per_dataset < 1:
             raise ConfigError("data.images_per_dataset must be >= 1")
         manifests = self.manifests()
@@ -224,9 +229,14 @@ class TrainConfig:
         if self.optim.head_warmup_epochs >= self.train.epochs:
             raise ConfigError("optim.head_warmup_epochs must be < train.epochs")
         try:
-            self.preprocess_spec  # noqa: B018 - validates
+            size = self.preprocess_spec.input_size
         except (TypeError, ValueError) as e:
             raise ConfigError(f"preprocess: {e}") from e
+        grid = self.model.color_layout
+        # Divisible sizes make the colour grid a plain average pool, the same in every export.
+        for name, side in (("preprocess.input_size", size), ("train.low_res_size", self.train.low_res_size)):
+            if grid and side and side % grid:
+                raise ConfigError(f"{name} ({side}) must be a multiple of model.color_layout ({grid})")
         return self
 
     def dataset_options(self, manifest: str) -> DatasetOptions:

@@ -1,4 +1,5 @@
-"""The unified embedding model: timm trunk -> GeM -> LayerNorm (no affine) -> Linear -> L2 norm."""
+"""The unified embedding model: timm trunk -> GeM -> LayerNorm (no affine) -> Linear -> L2 norm;
+optionally the input's colour layout (a coarse grid of average colours) joins the head's input."""
 
 from __future__ import annotations
 
@@ -37,15 +38,30 @@ class GeM(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """LayerNorm without affine then a bias-free projection (Zhai & Wu, BMVC 2019), L2-normalized."""
+    """LayerNorm without affine then a bias-free projection (Zhai & Wu, BMVC 2019), L2-normalized.
 
-    def __init__(self, in_features: int, dim: int) -> None:
+    With `extra_features`, a second input (the colour layout) gets its own LayerNorm and joins the
+    first before the projection, so neither input's scale decides its share; the projection learns it.
+    """
+
+    def __init__(self, in_features: int, dim: int, extra_features: int = 0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_features, elementwise_affine=False)
-        self.proj = nn.Linear(in_features, dim, bias=False)
+        self.extra_norm = nn.LayerNorm(extra_features, elementwise_affine=False) if extra_features else None
+        self.proj = nn.Linear(in_features + extra_features, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.norm(x)), dim=-1)
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(x)
+        if self.extra_norm is not None:
+            if extra is None:
+                raise ValueError("this head was built with extra features; pass them")
+            x = torch.cat([x, self.extra_norm(extra)], dim=-1)
+        return F.normalize(self.proj(x), dim=-1)
+
+
+def color_layout(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """The images' average colour on a grid x grid layout, flattened: (N, 3 * grid**2)."""
+    return F.adaptive_avg_pool2d(images.float(), grid).flatten(1)
 
 
 def create_trunk(cfg: ModelConfig) -> tuple[nn.Module, int, bool]:
@@ -108,7 +124,7 @@ class UnifiedEmbeddingModel(nn.Module):
         self.cfg = cfg
         self.trunk, self.num_features, self.spatial = create_trunk(cfg)
         self.pool = GeM(cfg.gem_p, cfg.gem_eps) if self.spatial else None
-        self.head = EmbeddingHead(self.num_features, cfg.embedding_dim)
+        self.head = EmbeddingHead(self.num_features, cfg.embedding_dim, 3 * cfg.color_layout**2)
 
     @property
     def embedding_dim(self) -> int:
@@ -120,8 +136,13 @@ class UnifiedEmbeddingModel(nn.Module):
             return self.trunk(images)
         return self.pool(self.trunk.forward_features(images))
 
+    def embed_features(self, pooled: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The head on pooled trunk features (and the colour layout of `images` when configured)."""
+        layout = color_layout(images, self.cfg.color_layout) if self.cfg.color_layout else None
+        return self.head(pooled.float(), layout)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images).float())
+        return self.embed_features(self.forward_features(images), images)
 
     def param_groups(self, lr: float, weight_decay: float, gem_lr_mult: float) -> list[dict[str, Any]]:
         """Trunk and head weights decay; norms, biases and GeM's p don't; p learns `gem_lr_mult` faster."""

@@ -262,7 +262,7 @@ class Trainer:
                 feats = self.model.trunk.forward_features(images) if self.model.pool is not None \
                     else self.model.trunk(images)
             pooled = self.model.pool(feats) if self.model.pool is not None else feats
-            return self.model.head(pooled.float())
+            return self.model.embed_features(pooled, images)
 
     def task_losses(self, embeddings: torch.Tensor, labels: dict[str, torch.Tensor],
                     step: int) -> dict[str, torch.Tensor]:

@@ -1,12 +1,14 @@
-"""Model pieces: GeM, the embedding head, binarization, pruning of unused trunk layers."""
+"""Model pieces: GeM, the embedding head and its colour-layout input, binarization, pruning of unused
+trunk layers."""
 
 from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
 
 from training.config import ModelConfig
-from training.model import GeM, UnifiedEmbeddingModel, binarize, prune_unused
+from training.model import GeM, UnifiedEmbeddingModel, binarize, color_layout, prune_unused
 
 
 def test_gem_between_average_and_max() -> None:
@@ -28,6 +30,30 @@ def test_model_embeds_unit_vectors_and_groups_parameters() -> None:
     assert groups["no_decay"]["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in groups["decay"]["params"])
     assert model.head.norm.elementwise_affine is False and model.head.proj.bias is None
+
+
+def test_color_layout_joins_the_head_input() -> None:
+    torch.manual_seed(0)
+    model = UnifiedEmbeddingModel(ModelConfig(trunk="test_resnet", embedding_dim=24, color_layout=4)).eval()
+    c = model.num_features
+    assert model.head.proj.weight.shape == (24, c + 3 * 16)
+    x = torch.randn(3, 3, 48, 48)
+    out = model(x)
+    assert out.shape == (3, 24) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    # The path the head warm-up takes (pooled features computed apart) gives the same embedding.
+    assert torch.allclose(model.embed_features(model.forward_features(x), x), out, atol=1e-6)
+    layout = color_layout(x, 4)
+    assert layout.shape == (3, 48)
+    assert torch.allclose(layout[:, 0], x[:, 0, :12, :12].mean(dim=(-2, -1)), atol=1e-6)  # red, top-left cell
+    # With the trunk's columns of the projection zeroed, the embedding is the layout's alone.
+    with torch.no_grad():
+        model.head.proj.weight[:, :c] = 0
+    only = F.normalize(F.layer_norm(layout, (48,)) @ model.head.proj.weight[:, c:].T, dim=1)
+    assert torch.allclose(model(x), only, atol=1e-5)
+    # So two images of the same average colours embed alike, whatever the finer detail.
+    blurred = F.interpolate(F.avg_pool2d(x, 12), scale_factor=12, mode="nearest")
+    assert torch.allclose(model(blurred), only, atol=1e-5)
+    assert not torch.allclose(model(x.flip(-1)), only, atol=1e-3)  # and a different layout does not
 
 
 def test_unused_head_layers_are_pruned_without_changing_features() -> None:

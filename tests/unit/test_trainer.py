@@ -96,9 +96,11 @@ def test_resume_continues_bit_for_bit(tiny_config: dict[str, Any], tmp_path: Pat
             assert torch.equal(ta[k], tb[k]), f"{name}:{k}"
 
 
-def test_head_warmup_freezes_the_trunk(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("grid", [0, 4])
+def test_head_warmup_freezes_the_trunk(grid: int, tiny_config: dict[str, Any], tmp_path: Path) -> None:
     tiny_config["optim"]["head_warmup_epochs"] = 1
     tiny_config["preprocess"]["input_size"] = 64  # 2x2 feature maps: on 1x1 maps GeM's p has no gradient
+    tiny_config["model"]["color_layout"] = grid
     trainer = Trainer(build_config(tiny_config), tmp_path / "run")
     trunk_before = {k: v.clone() for k, v in trainer.model.trunk.state_dict().items()}
     head_before = trainer.model.head.proj.weight.detach().clone()
@@ -111,13 +113,19 @@ def test_head_warmup_freezes_the_trunk(tiny_config: dict[str, Any], tmp_path: Pa
     # so check its gradient rather than its value.
     assert trainer.model.pool.p.grad is not None and float(trainer.model.pool.p.grad.abs()) > 0
     assert all(p.grad is None for p in trainer.model.trunk.parameters())
+    if grid:  # the colour layout's columns of the projection learn as well
+        layout_cols = trainer.model.head.proj.weight[:, trainer.model.num_features:]
+        assert layout_cols.shape[1] == 48 and not torch.equal(layout_cols, head_before[:, trainer.model.num_features:])
 
 
-def test_checkpoint_loads_as_an_eval_model(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("grid", [0, 4])
+def test_checkpoint_loads_as_an_eval_model(grid: int, tiny_config: dict[str, Any], tmp_path: Path) -> None:
     tiny_config["train"]["max_steps"] = 2
+    tiny_config["model"]["color_layout"] = grid
     Trainer(build_config(tiny_config), tmp_path / "run").fit()
     model, cfg = load_model(tmp_path / "run")
-    assert not model.training and cfg.model.embedding_dim == 32
+    assert not model.training and cfg.model.embedding_dim == 32 and cfg.model.color_layout == grid
+    assert model.head.proj.weight.shape[1] == model.num_features + 3 * grid**2
     out = model(torch.randn(3, 3, 32, 32))
     assert out.shape == (3, 32)
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
