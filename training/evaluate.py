@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from training.data.manifest import Record, read_manifest
+from training.model import color_layout
 from uembed.preprocess import PreprocessSpec
 
 AVG_P_K = 20
@@ -186,8 +187,7 @@ class PixelBaseline(torch.nn.Module):
         self.grid = grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float(), self.grid).flatten(1)
-        return torch.nn.functional.normalize(pooled, dim=1)
+        return torch.nn.functional.normalize(color_layout(x, self.grid), dim=1)
 
 
 BASELINES = ("pixels", "untrained")
