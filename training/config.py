@@ -119,6 +119,10 @@ class OptimConfig:
     step_gamma: float = 0.1
     head_warmup_epochs: int = 0  # epochs that train only GeM, embedding head and proxies
     grad_clip: float = 5.0  # max global grad norm of trunk+head; 0 disables
+    # Train on the code the service hands out too: every task loss is computed a second time on the
+    # sign code sign(e) / sqrt(D) (the binary embedding as a unit vector; straight-through gradient,
+    # Greedy Hash, Su et al. 2018) and added with this weight. 0 = off.
+    sign_loss_weight: float = 0.0
     amp: Literal["auto", "on", "off"] = "auto"  # auto: fp16 autocast on CUDA only
 
 
@@ -139,6 +143,10 @@ class TrainLoopConfig:
     # trains at the model's input size, so BatchNorm and filters settle at the resolution it serves.
     low_res_size: int = 0
     low_res_fraction: float = 0.0
+    # Start from another run's weights (a run or checkpoint directory): the model and the proxies of
+    # the tasks both runs have; the optimizer, the schedule and the step start fresh. A run that has
+    # its own checkpoint resumes from that instead.
+    init_from: str = ""
 
 
 @dataclass
@@ -226,6 +234,8 @@ class TrainConfig:
                 raise ConfigError("train.low_res_fraction must be in (0, 1) when train.low_res_size is set")
         if not 0 <= self.optim.proxy_imprint <= 1:
             raise ConfigError("optim.proxy_imprint must be in [0, 1]")
+        if self.optim.sign_loss_weight < 0:
+            raise ConfigError("optim.sign_loss_weight must be >= 0 (0 = off)")
         if self.optim.head_warmup_epochs >= self.train.epochs:
             raise ConfigError("optim.head_warmup_epochs must be < train.epochs")
         try:

@@ -30,10 +30,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from training.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     load_classes,
     load_proxies,
     load_trainer_state,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from training.config import TrainConfig, save_config
@@ -110,6 +112,17 @@ def _gather_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def sign_code(embeddings: torch.Tensor) -> torch.Tensor:
+    """The binary embedding as a unit vector: +-1/sqrt(D), +1 where the float is > 0 (as served).
+
+    The forward value is the code; the backward pass is the identity (straight-through), so the
+    gradient that would move the code moves the float embedding under it.
+    """
+    dim = embeddings.shape[-1]
+    hard = torch.where(embeddings > 0, 1.0, -1.0).to(embeddings.dtype) / math.sqrt(dim)
+    return embeddings + (hard - embeddings).detach()
+
+
 def lr_multiplier(cfg: TrainConfig, step: int, total: int) -> float:
     progress = min(1.0, step / max(1, total))
     if cfg.optim.schedule == "cosine":
@@ -149,8 +162,11 @@ class Trainer:
         self._build_model()
         self.step, self.epoch_of_step = 0, 0
         self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
+        self.init_record: dict[str, Any] | None = None
         if ckpt is not None:
             self._restore(ckpt)
+        elif cfg.train.init_from:
+            self._init_from(resolve_checkpoint(cfg.train.init_from))
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # -- construction --------------------------------------------------------------------------
@@ -240,6 +256,28 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
 
+    def _init_from(self, ckpt: Path) -> None:
+        """Weights from another run; each proxy row by class name, so new classes start fresh."""
+        from safetensors.torch import load_file
+
+        try:
+            self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        except RuntimeError as e:
+            raise CheckpointError(f"train.init_from {ckpt}: its model does not match model: ({e})") from e
+        proxies, classes = load_proxies(ckpt), load_classes(ckpt)
+        copied: dict[str, int] = {}
+        with torch.no_grad():
+            for t in self.task_labels:
+                if t.name not in self.banks or t.name not in proxies:
+                    continue
+                old = {name: i for i, name in enumerate(classes.get(t.name, []))}
+                pairs = [(i, old[n]) for i, n in enumerate(t.vocab.names) if n in old]
+                if pairs:
+                    new_rows, old_rows = (torch.tensor(x) for x in zip(*pairs, strict=True))
+                    self.banks[t.name].weight[new_rows] = proxies[t.name][old_rows].to(self.banks[t.name].weight)
+                copied[t.name] = len(pairs)
+        self.init_record = {"event": "init_from", "path": str(ckpt), "proxies_copied": copied}
+
     # -- one step ------------------------------------------------------------------------------
     def in_head_warmup(self, step: int) -> bool:
         return step < self.cfg.optim.head_warmup_epochs * self.steps_per_epoch
@@ -265,8 +303,12 @@ class Trainer:
             return self.model.embed_features(pooled, images)
 
     def task_losses(self, embeddings: torch.Tensor, labels: dict[str, torch.Tensor],
-                    step: int) -> dict[str, torch.Tensor]:
-        """Per-task losses on the rows each task has labels for (the global batch in DDP)."""
+                    step: int, imprint: bool = True) -> dict[str, torch.Tensor]:
+        """Per-task losses on the rows each task has labels for (the global batch in DDP).
+
+        The proxy sample is a function of (seed, step, task), so a second call in the same step
+        (the sign code's losses) scores against the same proxies.
+        """
         out: dict[str, torch.Tensor] = {}
         for i, t in enumerate(self.cfg.tasks):
             lab = labels[t.name]
@@ -276,7 +318,7 @@ class Trainer:
             emb, lab = embeddings[mask], lab[mask]
             if t.has_proxies:
                 bank = self.banks[t.name]
-                if self.cfg.optim.proxy_imprint > 0 and bool(torch.isfinite(emb).all()):
+                if imprint and self.cfg.optim.proxy_imprint > 0 and bool(torch.isfinite(emb).all()):
                     bank.imprint(lab, emb, self.cfg.optim.proxy_imprint)  # never a NaN into the bank
                 g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, step, 2000 + i))
                 sample = sample_classes(lab.cpu(), bank.num_classes, t.num_sampled, g)
@@ -305,8 +347,13 @@ class Trainer:
         if self.dist.enabled:
             emb = _GatherWithGrad.apply(emb)
             labels = {k: _gather_labels(v.to(self.device)) for k, v in labels.items()}
-        losses = self.task_losses(emb, {k: v.to(self.device) for k, v in labels.items()}, step)
+        labels = {k: v.to(self.device) for k, v in labels.items()}
+        losses = self.task_losses(emb, labels, step)
         total = self.combine(losses)
+        sign_weight = self.cfg.optim.sign_loss_weight
+        if sign_weight > 0:
+            sign_total = self.combine(self.task_losses(sign_code(emb), labels, step, imprint=False))
+            total = total + sign_weight * sign_total
         self.optimizer.zero_grad(set_to_none=True)
         if self.proxy_optimizer is not None:
             self.proxy_optimizer.zero_grad(set_to_none=True)
@@ -339,6 +386,8 @@ class Trainer:
             self.scaler.update()
         self.step += 1
         result = {name: float(v.detach()) for name, v in losses.items()}
+        if sign_weight > 0:
+            result["sign"] = float(sign_total.detach())
         result["total"] = float(total.detach())
         result["grad_norm"] = grad_norm
         return result
@@ -402,6 +451,8 @@ class Trainer:
             self._log({"event": "start", "step": self.step, "total_steps": self.total_steps,
                        "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
                        "device": str(self.device), "classes": {t.name: len(t.vocab) for t in self.task_labels}})
+            if self.init_record is not None and self.step == 0:
+                self._log(self.init_record)
         every = cfg.train.checkpoint_every
         last: dict[str, float] = {}
         images_seen, t0 = 0, time.perf_counter()

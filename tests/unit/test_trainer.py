@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import build_config
-from training.checkpoint import latest_checkpoint, load_model
+from training.checkpoint import CheckpointError, latest_checkpoint, load_model
 from training.proxies import IGNORE
-from training.train import Trainer
+from training.train import Trainer, sign_code
 
 
 def _batch(trainer: Trainer, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -180,3 +180,56 @@ def test_a_nonfinite_step_changes_nothing_and_a_run_of_them_stops_training(tiny_
         trainer.train_step(corrupt, labels)
     with pytest.raises(RuntimeError, match="3 steps in a row"):
         trainer.train_step(corrupt, labels)
+
+
+def test_sign_code_is_the_served_binary_code_with_a_straight_through_gradient() -> None:
+    emb = torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    emb[0, 3] = 0.0  # served as bit 0, like numpy.packbits(float > 0)
+    emb.requires_grad_()
+    code = sign_code(emb)
+    assert torch.allclose(code.norm(dim=1), torch.ones(5))
+    assert torch.equal(code > 0, emb > 0) and float(code[0, 3].detach()) == -0.25
+    weights = torch.randn(5, 16)
+    (code * weights).sum().backward()
+    assert torch.equal(emb.grad, weights)  # identity backward
+
+
+def test_sign_loss_adds_the_task_losses_of_the_code(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    plain = Trainer(build_config(tiny_config), tmp_path / "plain")
+    signed = Trainer(build_config(tiny_config, "optim.sign_loss_weight=0.5"), tmp_path / "signed")
+    images, labels = _batch(plain)
+    a, b = plain.train_step(images, labels), signed.train_step(images, labels)
+    assert "sign" not in a and b["sign"] > 0
+    # same init, same batch, same proxy sample: the float losses agree, the total adds half the code's
+    for task in ("identity", "category", "attributes", "pairs"):
+        assert math.isclose(a[task], b[task], rel_tol=1e-5), task
+    assert math.isclose(b["total"], a["total"] + 0.5 * b["sign"], rel_tol=1e-5)
+
+
+def test_init_from_copies_weights_and_proxies_by_class_name_and_starts_fresh(
+        tiny_config: dict[str, Any], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    source = latest_checkpoint(tiny_checkpoint)
+    trainer = Trainer(build_config(tiny_config, f"train.init_from={tiny_checkpoint}"), tmp_path / "ft")
+    assert trainer.step == 0 and trainer.init_record is not None
+    state = load_file(source / "model.safetensors")
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    proxies = load_file(source / "proxies.safetensors")
+    classes = json.loads((source / "classes.json").read_text())
+    for task in ("identity", "category", "attributes"):
+        names = next(t.vocab.names for t in trainer.task_labels if t.name == task)
+        rows = [classes[task].index(n) for n in names]
+        assert torch.equal(trainer.banks[task].weight.detach(), proxies[task][rows]), task
+    assert trainer.init_record["proxies_copied"]["identity"] == 18
+    trainer.train_step(*_batch(trainer))
+    trainer.checkpoint()
+    # The run's own checkpoint now wins over init_from: it resumes, it does not start again.
+    again = Trainer(build_config(tiny_config, f"train.init_from={tiny_checkpoint}"), tmp_path / "ft")
+    assert again.step == 1 and again.init_record is None
+
+
+def test_init_from_a_different_model_is_a_clear_error(tiny_config: dict[str, Any], tiny_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    cfg = build_config(tiny_config, f"train.init_from={tiny_checkpoint}", "model.embedding_dim=16")
+    with pytest.raises(CheckpointError, match="does not match"):
+        Trainer(cfg, tmp_path / "ft")
