@@ -375,9 +375,18 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
     return cfg.validate()
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None,
-                only_tasks: list[str] | None = None) -> TrainConfig:
-    path = Path(path)
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, on top of its `base:` file (relative to it) when it names one."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: base configs form a cycle ({' -> '.join(str(p) for p in (*chain, path))})")
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as e:
@@ -386,7 +395,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return config_from_dict(raw, overrides, only_tasks)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of another config file")
+    return _merge(_read_tree(path.parent / base, (*chain, path.resolve())), raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                only_tasks: list[str] | None = None) -> TrainConfig:
+    """A YAML config. `base: OTHER.yaml` (relative to this file) starts from another config:
+    mappings merge key by key, lists and values replace the base's."""
+    return config_from_dict(_read_tree(Path(path)), overrides, only_tasks)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

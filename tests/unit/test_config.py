@@ -57,6 +57,25 @@ def test_shipped_configs_load() -> None:
         assert load_config(path).tasks, path
 
 
+def test_a_config_on_a_base_merges_mappings_and_replaces_lists(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    save_config(build_config(tiny_config), tmp_path / "base.yaml")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../base.yaml\noptim: {sign_loss_weight: 2.0, lr: 0.01}\n"
+                     "tasks:\n  - {name: identity, manifest: %s, head: norm_softmax}\n"
+                     % tiny_config["tasks"][0]["manifest"])
+    cfg = load_config(child, ["train.epochs=5"])
+    assert cfg.optim.sign_loss_weight == 2.0 and cfg.optim.lr == 0.01
+    assert cfg.optim.proxy_lr == 1.0 and cfg.model.embedding_dim == 32  # kept from the base
+    assert [t.name for t in cfg.tasks] == ["identity"] and cfg.train.epochs == 5
+    (tmp_path / "base.yaml").write_text("base: sub/child.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(child)
+    child.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(child)
+
+
 def test_manifest_errors_name_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "m.jsonl"
     bad.write_text('{"image": "a.png", "labels": {"t": "x"}}\n{"labels": {}}\n')
