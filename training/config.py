@@ -123,6 +123,10 @@ class OptimConfig:
     # sign code sign(e) / sqrt(D) (the binary embedding as a unit vector; straight-through gradient,
     # Greedy Hash, Su et al. 2018) and added with this weight. 0 = off.
     sign_loss_weight: float = 0.0
+    # Pull each float embedding toward its own sign code: weight x mean(1 - cos(e, sign(e)/sqrt(D))),
+    # the code held constant (Greedy Hash's quantization term). Float and binary cosines agree more
+    # the closer every |e_i| is to 1/sqrt(D). 0 = off.
+    quantization_weight: float = 0.0
     amp: Literal["auto", "on", "off"] = "auto"  # auto: fp16 autocast on CUDA only
 
 
@@ -236,6 +240,8 @@ class TrainConfig:
             raise ConfigError("optim.proxy_imprint must be in [0, 1]")
         if self.optim.sign_loss_weight < 0:
             raise ConfigError("optim.sign_loss_weight must be >= 0 (0 = off)")
+        if self.optim.quantization_weight < 0:
+            raise ConfigError("optim.quantization_weight must be >= 0 (0 = off)")
         if self.optim.head_warmup_epochs >= self.train.epochs:
             raise ConfigError("optim.head_warmup_epochs must be < train.epochs")
         try:

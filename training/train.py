@@ -123,6 +123,12 @@ def sign_code(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings + (hard - embeddings).detach()
 
 
+def quantization_loss(embeddings: torch.Tensor) -> torch.Tensor:
+    """mean(1 - cos(e, code)) for unit-norm embeddings, the code constant: 0 when every |e_i| = 1/sqrt(D)."""
+    code = sign_code(embeddings).detach()
+    return (1.0 - (embeddings.float() * code.float()).sum(dim=1)).mean()
+
+
 def lr_multiplier(cfg: TrainConfig, step: int, total: int) -> float:
     progress = min(1.0, step / max(1, total))
     if cfg.optim.schedule == "cosine":
@@ -354,6 +360,10 @@ class Trainer:
         if sign_weight > 0:
             sign_total = self.combine(self.task_losses(sign_code(emb), labels, step, imprint=False))
             total = total + sign_weight * sign_total
+        quant_weight = self.cfg.optim.quantization_weight
+        if quant_weight > 0:
+            quant = quantization_loss(emb)
+            total = total + quant_weight * quant
         self.optimizer.zero_grad(set_to_none=True)
         if self.proxy_optimizer is not None:
             self.proxy_optimizer.zero_grad(set_to_none=True)
@@ -388,6 +398,8 @@ class Trainer:
         result = {name: float(v.detach()) for name, v in losses.items()}
         if sign_weight > 0:
             result["sign"] = float(sign_total.detach())
+        if quant_weight > 0:
+            result["quantization"] = float(quant.detach())
         result["total"] = float(total.detach())
         result["grad_norm"] = grad_norm
         return result

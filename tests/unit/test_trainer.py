@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tests.conftest import build_config
 from training.checkpoint import CheckpointError, latest_checkpoint, load_model
 from training.proxies import IGNORE
-from training.train import Trainer, sign_code
+from training.train import Trainer, quantization_loss, sign_code
 
 
 def _batch(trainer: Trainer, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -194,7 +194,7 @@ def test_sign_code_is_the_served_binary_code_with_a_straight_through_gradient() 
     assert torch.equal(emb.grad, weights)  # identity backward
 
 
-def test_sign_loss_adds_the_task_losses_of_the_code(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+def test_sign_and_quantization_losses_add_to_the_task_losses(tiny_config: dict[str, Any], tmp_path: Path) -> None:
     plain = Trainer(build_config(tiny_config), tmp_path / "plain")
     signed = Trainer(build_config(tiny_config, "optim.sign_loss_weight=0.5"), tmp_path / "signed")
     images, labels = _batch(plain)
@@ -204,6 +204,9 @@ def test_sign_loss_adds_the_task_losses_of_the_code(tiny_config: dict[str, Any],
     for task in ("identity", "category", "attributes", "pairs"):
         assert math.isclose(a[task], b[task], rel_tol=1e-5), task
     assert math.isclose(b["total"], a["total"] + 0.5 * b["sign"], rel_tol=1e-5)
+    pulled = Trainer(build_config(tiny_config, "optim.quantization_weight=2"), tmp_path / "pulled")
+    c = pulled.train_step(images, labels)
+    assert 0 < c["quantization"] < 1 and math.isclose(c["total"], a["total"] + 2 * c["quantization"], rel_tol=1e-5)
 
 
 def test_init_from_copies_weights_and_proxies_by_class_name_and_starts_fresh(
@@ -233,3 +236,14 @@ def test_init_from_a_different_model_is_a_clear_error(tiny_config: dict[str, Any
     cfg = build_config(tiny_config, f"train.init_from={tiny_checkpoint}", "model.embedding_dim=16")
     with pytest.raises(CheckpointError, match="does not match"):
         Trainer(cfg, tmp_path / "ft")
+
+
+def test_quantization_loss_is_zero_on_a_code_and_pulls_toward_it() -> None:
+    code = torch.where(torch.randn(4, 64) > 0, 1.0, -1.0) / 8.0
+    assert float(quantization_loss(code)) == pytest.approx(0.0, abs=1e-6)
+    emb = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(2)), dim=1)
+    loss = quantization_loss(emb.requires_grad_())
+    assert 0.1 < float(loss.detach()) < 0.35  # Gaussian-like embeddings: 1 - sqrt(2/pi) ~ 0.2
+    loss.backward()
+    step = torch.nn.functional.normalize(emb.detach() - 0.5 * emb.grad, dim=1)
+    assert float(quantization_loss(step)) < float(loss.detach())
