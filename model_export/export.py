@@ -163,6 +163,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             "color_layout": cfg.model.color_layout,
             "checkpoint": str(ckpt),
             "step": step,
+            "init_from": cfg.train.init_from or None,  # the run a fine-tune started from, if any
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_version": torch.__version__,
             "tasks": {t.name: {"head": t.head, "classes": len(classes.get(t.name, []))} for t in cfg.tasks},

@@ -32,6 +32,7 @@ def test_manifest_describes_the_model_and_its_files(tiny_artifact: Path, tiny_ch
         assert figures["bits_agree"] >= BOUNDS["fp32"]["bits_agree"]
         assert figures["images"] >= 8 and figures["batch_sizes"] == [1, 3, 17]
     assert m.data["model"]["tasks"]["identity"] == {"head": "norm_softmax", "classes": 18}
+    assert m.data["model"]["init_from"] is None  # trained from scratch, not fine-tuned
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
