@@ -62,9 +62,9 @@ def test_a_config_on_a_base_merges_mappings_and_replaces_lists(tiny_config: dict
     save_config(build_config(tiny_config), tmp_path / "base.yaml")
     (tmp_path / "sub").mkdir()
     child = tmp_path / "sub" / "child.yaml"
+    manifest = tiny_config["tasks"][0]["manifest"]
     child.write_text("base: ../base.yaml\noptim: {sign_loss_weight: 2.0, lr: 0.01}\n"
-                     "tasks:\n  - {name: identity, manifest: %s, head: norm_softmax}\n"
-                     % tiny_config["tasks"][0]["manifest"])
+                     f"tasks:\n  - {{name: identity, manifest: {manifest}, head: norm_softmax}}\n")
     cfg = load_config(child, ["train.epochs=5"])
     assert cfg.optim.sign_loss_weight == 2.0 and cfg.optim.lr == 0.01
     assert cfg.optim.proxy_lr == 1.0 and cfg.model.embedding_dim == 32  # kept from the base
