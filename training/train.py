@@ -269,7 +269,8 @@ class Trainer:
         try:
             self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
         except RuntimeError as e:
-            raise CheckpointError(f"train.init_from {ckpt}: its model does not match model: ({e})") from e
+            raise CheckpointError(
+                f"train.init_from {ckpt}: its weights do not match this config's model section ({e})") from e
         proxies, classes = load_proxies(ckpt), load_classes(ckpt)
         copied: dict[str, int] = {}
         with torch.no_grad():

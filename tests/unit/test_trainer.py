@@ -234,7 +234,7 @@ def test_init_from_copies_weights_and_proxies_by_class_name_and_starts_fresh(
 def test_init_from_a_different_model_is_a_clear_error(tiny_config: dict[str, Any], tiny_checkpoint: Path,
                                                        tmp_path: Path) -> None:
     cfg = build_config(tiny_config, f"train.init_from={tiny_checkpoint}", "model.embedding_dim=16")
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match="do not match this config"):
         Trainer(cfg, tmp_path / "ft")
 
 
