@@ -112,21 +112,24 @@ def _gather_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _unit_code(embeddings: torch.Tensor) -> torch.Tensor:
+    """+-1/sqrt(D), +1 where the float is > 0: the served bits as a unit vector, no gradient."""
+    hard = torch.where(embeddings.detach() > 0, 1.0, -1.0).to(embeddings.dtype)
+    return hard / math.sqrt(embeddings.shape[-1])
+
+
 def sign_code(embeddings: torch.Tensor) -> torch.Tensor:
     """The binary embedding as a unit vector: +-1/sqrt(D), +1 where the float is > 0 (as served).
 
     The forward value is the code; the backward pass is the identity (straight-through), so the
     gradient that would move the code moves the float embedding under it.
     """
-    dim = embeddings.shape[-1]
-    hard = torch.where(embeddings > 0, 1.0, -1.0).to(embeddings.dtype) / math.sqrt(dim)
-    return embeddings + (hard - embeddings).detach()
+    return embeddings + (_unit_code(embeddings) - embeddings).detach()
 
 
 def quantization_loss(embeddings: torch.Tensor) -> torch.Tensor:
     """mean(1 - cos(e, code)) for unit-norm embeddings, the code constant: 0 when every |e_i| = 1/sqrt(D)."""
-    code = sign_code(embeddings).detach()
-    return (1.0 - (embeddings.float() * code.float()).sum(dim=1)).mean()
+    return (1.0 - (embeddings.float() * _unit_code(embeddings).float()).sum(dim=1)).mean()
 
 
 def lr_multiplier(cfg: TrainConfig, step: int, total: int) -> float:
