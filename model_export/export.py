@@ -161,6 +161,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             "embedding_dim": cfg.model.embedding_dim,
             "trunk": cfg.model.trunk,
             "color_layout": cfg.model.color_layout,
+            "saturation": cfg.model.saturation,
             "checkpoint": str(ckpt),
             "step": step,
             "init_from": cfg.train.init_from or None,  # the run a fine-tune started from, if any

@@ -38,6 +38,10 @@ class ModelConfig:
     # The input's average colour on a color_layout x color_layout grid (3 * grid**2 values), fed to
     # the embedding head beside the pooled trunk features; 0 = off. docs/results.md, recipe v5.
     color_layout: int = 0
+    # HashNet's continuation made fixed: e = normalize(tanh(saturation * sqrt(D) * normalize(W x))),
+    # 0 = off. The sign bits are those of W x at any value, so the served binary code is unchanged
+    # while the float embedding nears the code it is binarized to. docs/results.md, recipe v7.
+    saturation: float = 0.0
     trunk_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -221,6 +225,8 @@ class TrainConfig:
             raise ConfigError("model.embedding_dim must be >= 8")
         if self.model.color_layout < 0:
             raise ConfigError("model.color_layout must be >= 0 (0 = off)")
+        if not (0.0 <= self.model.saturation < float("inf")):
+            raise ConfigError("model.saturation must be a finite number >= 0 (0 = off)")
         if self.data.images_per_dataset < 1:
             raise ConfigError("data.images_per_dataset must be >= 1")
         manifests = self.manifests()

@@ -1,8 +1,10 @@
 """The unified embedding model: timm trunk -> GeM -> LayerNorm (no affine) -> Linear -> L2 norm;
-optionally the input's colour layout (a coarse grid of average colours) joins the head's input."""
+optionally the input's colour layout (a coarse grid of average colours) joins the head's input, and
+optionally a tanh saturates the projection so the float embedding nears its binary code."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,10 +44,18 @@ class EmbeddingHead(nn.Module):
 
     With `extra_features`, a second input (the colour layout) gets its own LayerNorm and joins the
     first before the projection, so neither input's scale decides its share; the projection learns it.
+
+    With `saturation` b > 0 the projection y passes through tanh(b * sqrt(D) * y / |y|) before the
+    L2 norm (HashNet, Cao et al. 2017, with a fixed b): each coordinate is scaled to unit RMS, then
+    squashed towards +-1, so the embedding nears its own sign code (cos 0.80 -> 0.95 at b = 3 for
+    Gaussian-like coordinates) and the losses train the float embedding that binarizes. tanh keeps
+    signs, so the bits are those of y.
     """
 
-    def __init__(self, in_features: int, dim: int, extra_features: int = 0) -> None:
+    def __init__(self, in_features: int, dim: int, extra_features: int = 0, saturation: float = 0.0) -> None:
         super().__init__()
+        self.saturation = float(saturation)
+        self.saturation_scale = self.saturation * math.sqrt(dim)
         self.norm = nn.LayerNorm(in_features, elementwise_affine=False)
         self.extra_norm = nn.LayerNorm(extra_features, elementwise_affine=False) if extra_features else None
         self.proj = nn.Linear(in_features + extra_features, dim, bias=False)
@@ -56,7 +66,13 @@ class EmbeddingHead(nn.Module):
             if extra is None:
                 raise ValueError("this head was built with extra features; pass them")
             x = torch.cat([x, self.extra_norm(extra)], dim=-1)
-        return F.normalize(self.proj(x), dim=-1)
+        y = self.proj(x)
+        if self.saturation > 0:
+            y = torch.tanh(F.normalize(y, dim=-1) * self.saturation_scale)
+        return F.normalize(y, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"saturation={self.saturation}" if self.saturation else ""
 
 
 def color_layout(images: torch.Tensor, grid: int) -> torch.Tensor:
@@ -124,7 +140,7 @@ class UnifiedEmbeddingModel(nn.Module):
         self.cfg = cfg
         self.trunk, self.num_features, self.spatial = create_trunk(cfg)
         self.pool = GeM(cfg.gem_p, cfg.gem_eps) if self.spatial else None
-        self.head = EmbeddingHead(self.num_features, cfg.embedding_dim, 3 * cfg.color_layout**2)
+        self.head = EmbeddingHead(self.num_features, cfg.embedding_dim, 3 * cfg.color_layout**2, cfg.saturation)
 
     @property
     def embedding_dim(self) -> int:

@@ -36,6 +36,7 @@ def test_overrides_by_dotted_path_and_task_name(tiny_config: dict[str, Any]) -> 
         ("train.low_res_size=32", "low_res_size"),  # not below the 32 px input
         ("train.low_res_size=16", "low_res_fraction"),
         ("model.color_layout=-1", "color_layout must be >= 0"),
+        ("model.saturation=-1", "saturation must be a finite number >= 0"),
         ("optim.sign_loss_weight=-0.5", "sign_loss_weight must be >= 0"),
         ("optim.quantization_weight=-1", "quantization_weight must be >= 0"),
         ("model.color_layout=5", "input_size \\(32\\) must be a multiple of model.color_layout"),

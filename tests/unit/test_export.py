@@ -138,13 +138,15 @@ def test_ort_providers_fall_back_in_order() -> None:
             ort_providers("cuda")
 
 
-def test_color_layout_model_exports_to_onnx_with_parity(tmp_path: Path) -> None:
+@pytest.mark.parametrize("saturation", [0.0, 3.0])
+def test_color_layout_model_exports_to_onnx_with_parity(tmp_path: Path, saturation: float) -> None:
     from model_export.onnx import export_onnx
     from training.config import ModelConfig
     from training.model import UnifiedEmbeddingModel
 
     torch.manual_seed(0)
-    model = UnifiedEmbeddingModel(ModelConfig(trunk="test_resnet", embedding_dim=16, color_layout=4)).eval()
+    model = UnifiedEmbeddingModel(ModelConfig(trunk="test_resnet", embedding_dim=16, color_layout=4,
+                                              saturation=saturation)).eval()
     export_onnx(model, tmp_path / "m.onnx", 32)
     run = ort_runner(ort_session(tmp_path / "m.onnx"))
     x = np.random.default_rng(1).standard_normal((5, 3, 32, 32), dtype=np.float32)

@@ -1,5 +1,5 @@
-"""Model pieces: GeM, the embedding head and its colour-layout input, binarization, pruning of unused
-trunk layers."""
+"""Model pieces: GeM, the embedding head, its colour-layout input and its saturation, binarization,
+pruning of unused trunk layers."""
 
 from __future__ import annotations
 
@@ -54,6 +54,35 @@ def test_color_layout_joins_the_head_input() -> None:
     blurred = F.interpolate(F.avg_pool2d(x, 12), scale_factor=12, mode="nearest")
     assert torch.allclose(model(blurred), only, atol=1e-5)
     assert not torch.allclose(model(x.flip(-1)), only, atol=1e-3)  # and a different layout does not
+
+
+def test_saturation_keeps_the_bits_and_brings_the_float_to_its_code() -> None:
+    torch.manual_seed(0)
+    plain = UnifiedEmbeddingModel(ModelConfig(trunk="test_resnet", embedding_dim=64, color_layout=4)).eval()
+    x = torch.randn(16, 3, 48, 48)
+    base = plain(x)
+    code = torch.where(base > 0, 1.0, -1.0) / 8.0  # the unit-norm sign code, sqrt(64) = 8
+
+    def code_cos(e: torch.Tensor) -> float:
+        return float((e * code).sum(dim=1).mean().detach())
+
+    previous = code_cos(base)
+    for b in (1.0, 3.0, 10.0):
+        sat = UnifiedEmbeddingModel(ModelConfig(trunk="test_resnet", embedding_dim=64, color_layout=4,
+                                                saturation=b)).eval()
+        sat.load_state_dict(plain.state_dict())  # no new parameters
+        out = sat(x)
+        assert torch.allclose(out.norm(dim=1), torch.ones(16), atol=1e-5)
+        assert torch.equal(binarize(out), binarize(base))
+        # Stronger saturation, closer to the code: the float embedding nears what it binarizes to.
+        assert code_cos(out) > previous
+        previous = code_cos(out)
+        # The formula: tanh of the unit-RMS projection, scaled by b, then L2-normalized.
+        y = sat.head.proj(torch.cat([F.layer_norm(sat.forward_features(x), (sat.num_features,)),
+                                     F.layer_norm(color_layout(x, 4), (48,))], dim=1))
+        want = F.normalize(torch.tanh(b * 8.0 * F.normalize(y, dim=1)), dim=1)
+        assert torch.allclose(out, want, atol=1e-5)
+    assert previous > 0.97
 
 
 def test_unused_head_layers_are_pruned_without_changing_features() -> None:
