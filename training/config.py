@@ -40,7 +40,8 @@ class ModelConfig:
     color_layout: int = 0
     # HashNet's continuation made fixed: e = normalize(tanh(saturation * sqrt(D) * normalize(W x))),
     # 0 = off. The sign bits are those of W x at any value, so the served binary code is unchanged
-    # while the float embedding nears the code it is binarized to. docs/results.md, recipe v7.
+    # while the float embedding nears the code it is binarized to. docs/results.md, recipe v7 (tried,
+    # not in the shipped recipe).
     saturation: float = 0.0
     trunk_kwargs: dict[str, Any] = field(default_factory=dict)
 
