@@ -4,13 +4,18 @@ Exact search in blocks of queries. Binary codes are ranked by Hamming distance t
 identity hamming(a, b) = (D - s_a . s_b) / 2 with s = 2*bit - 1, which is an exact integer
 matmul in float32 for D < 2**24. Ties are broken by gallery order (stable sort), so results are
 deterministic and identical to a brute-force loop.
+
+Each set also compares its binary codes with its float embedding query by query
+(`binary_vs_float`): the P@1 and Avg P@20 points binary gives up, each with a 95% interval, and
+how many queries each code alone gets right at rank 1. The codes rank the same queries, so the
+paired difference is what has to be judged, not two independent proportions.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,9 @@ class RetrievalResult:
     avg_p_at_20: float
     recall: dict[int, float]
     map_at_r: float
+    # Per evaluated query (skipped ones left out, in query order): "p@1" (relevant at rank 1, bool)
+    # and "avg_p@20". Not in as_dict.
+    per_query: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -106,7 +114,29 @@ def retrieval_metrics(query: np.ndarray, query_labels: Sequence[object], gallery
     return RetrievalResult(
         queries=int(q.shape[0]) - skipped, skipped=skipped, p_at_1=mean(p1), avg_p_at_20=mean(ap20),
         recall={k: mean(v) for k, v in recall.items()}, map_at_r=mean(mapr),
+        per_query={"p@1": np.concatenate(p1) if p1 else np.zeros(0, dtype=bool),
+                   "avg_p@20": np.concatenate(ap20) if ap20 else np.zeros(0)},
     )
+
+
+def paired_loss(reference: np.ndarray, other: np.ndarray) -> dict[str, object]:
+    """What `other` gives up against `reference` on the same queries (one value per query each).
+
+    loss = mean(reference) - mean(other); ci95 = loss +- 1.96 standard errors of the per-query
+    difference (normal approximation). For boolean hits (P@1) it also counts the queries only one
+    of them gets right (`reference_only`, `other_only`: McNemar's discordant pairs).
+    """
+    if reference.shape != other.shape or reference.ndim != 1:
+        raise ValueError(f"need two equal 1-D arrays, not {reference.shape} and {other.shape}")
+    n = len(reference)
+    d = reference.astype(np.float64) - other.astype(np.float64)
+    loss = float(d.mean()) if n else 0.0
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    out: dict[str, object] = {"loss": loss, "ci95": [loss - 1.96 * se, loss + 1.96 * se]}
+    if reference.dtype == bool and other.dtype == bool:
+        out["reference_only"] = int((reference & ~other).sum())
+        out["other_only"] = int((other & ~reference).sum())
+    return out
 
 
 class _ImageList(Dataset):
@@ -142,12 +172,23 @@ def _labels(records: Sequence[Record], key: str, where: str) -> list[str]:
 
 def evaluate_embeddings(q_emb: np.ndarray, q_labels: Sequence[object], g_emb: np.ndarray,
                         g_labels: Sequence[object], exclude: np.ndarray | None = None) -> dict[str, dict]:
-    """Float and binary (embedding > 0) results for one query/gallery pair."""
-    return {
-        "float": retrieval_metrics(q_emb, q_labels, g_emb, g_labels, metric="cosine", exclude=exclude).as_dict(),
-        "binary": retrieval_metrics(q_emb > 0, q_labels, g_emb > 0, g_labels, metric="hamming",
-                                    exclude=exclude).as_dict(),
-    }
+    """Float and binary (embedding > 0) results for one query/gallery pair, and what binary gives up
+    against float query by query (paired_loss on P@1 and Avg P@20)."""
+    flt = retrieval_metrics(q_emb, q_labels, g_emb, g_labels, metric="cosine", exclude=exclude)
+    binary = retrieval_metrics(q_emb > 0, q_labels, g_emb > 0, g_labels, metric="hamming", exclude=exclude)
+    versus = {}
+    for metric in ("p@1", "avg_p@20"):
+        paired = paired_loss(flt.per_query[metric], binary.per_query[metric])
+        if "reference_only" in paired:
+            paired["float_only"] = paired.pop("reference_only")
+            paired["binary_only"] = paired.pop("other_only")
+        versus[metric] = paired
+    out: dict[str, dict] = {"float": flt.as_dict(), "binary": binary.as_dict(), "binary_vs_float": versus}
+    for kind, res in (("float", flt), ("binary", binary)):
+        # Kept so that two runs can be compared query by query (scripts/compare_runs.py).
+        out[kind]["per_query"] = {"p@1": res.per_query["p@1"].astype(int).tolist(),
+                                  "avg_p@20": res.per_query["avg_p@20"].tolist()}
+    return out
 
 
 def evaluate_sets(model: torch.nn.Module, eval_sets: Sequence, spec: PreprocessSpec,
@@ -175,6 +216,21 @@ def markdown_table(results: dict[str, dict]) -> str:
             r = res[kind]
             cells = " | ".join(f"{100 * r[c]:.1f}" for c in cols)
             lines.append(f"| {name} | {kind} | {r['queries']} | {cells} |")
+    paired = {name: res["binary_vs_float"] for name, res in results.items() if "binary_vs_float" in res}
+    if paired:
+        lines += ["", "What binary gives up against float, query by query (points; 95% interval; queries "
+                  "right at rank 1 in one code only):", "",
+                  "| set | p@1 loss | 95% interval | float only | binary only | avg_p@20 loss | 95% interval |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def span(g: dict) -> str:
+            lo, hi = g["ci95"]
+            return f"{100 * lo:.1f} to {100 * hi:.1f}"
+
+        for name, v in paired.items():
+            p1, ap = v["p@1"], v["avg_p@20"]
+            lines.append(f"| {name} | {100 * p1['loss']:.1f} | {span(p1)} | {p1['float_only']} | "
+                         f"{p1['binary_only']} | {100 * ap['loss']:.1f} | {span(ap)} |")
     return "\n".join(lines) + "\n"
 
 
