@@ -5,7 +5,7 @@
 
 Each argument is a run directory (its eval.json) or an eval report (`uembed evaluate` output). Both
 must come from the same eval sets: the per-query results are paired by position, so the sets, their
-query counts and their label keys have to match. Rows: set, codes, metric, A, B, A - B in points with
+query counts, gallery sizes and label keys have to match. Rows: set, codes, metric, A, B, A - B in points with
 a 95% interval of the paired difference, and for P@1 how many queries only A or only B gets right at
 rank 1 (training.evaluate.paired_loss). Reports written before per-query results were kept
 (2026-11-23) have none: evaluate the run again (`uembed evaluate --run RUN`).
@@ -33,7 +33,10 @@ def load_results(path: str | Path) -> dict[str, dict]:
         p = p / "eval.json"
     if not p.is_file():
         raise SystemExit(f"{path}: no eval report (run `uembed evaluate --run {path}` first)")
-    return json.loads(p.read_text())["results"]
+    try:
+        return json.loads(p.read_text())["results"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SystemExit(f"{p}: not an eval report (a JSON object with 'results')") from None
 
 
 def compare(a: dict[str, dict], b: dict[str, dict]) -> list[dict[str, Any]]:
@@ -42,8 +45,9 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> list[dict[str, Any]]:
         raise ValueError(f"the reports evaluate different sets: {sorted(a)} and {sorted(b)}")
     rows = []
     for name in a:
-        if a[name].get("label_key") != b[name].get("label_key"):
-            raise ValueError(f"{name}: label keys differ ({a[name].get('label_key')} and {b[name].get('label_key')})")
+        for key in ("label_key", "gallery_size"):
+            if a[name].get(key) != b[name].get(key):
+                raise ValueError(f"{name}: {key} differs ({a[name].get(key)} and {b[name].get(key)})")
         for kind in ("float", "binary"):
             ra, rb = a[name][kind], b[name][kind]
             if "per_query" not in ra or "per_query" not in rb:

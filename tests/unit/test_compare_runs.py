@@ -68,3 +68,11 @@ def test_reports_that_cannot_be_paired_are_refused(tmp_path: Path) -> None:
     assert out.returncode == 1 and "no per-query results" in out.stderr
     out = run(a, tmp_path / "missing")
     assert out.returncode != 0 and "no eval report" in out.stderr
+    (tmp_path / "other.json").write_text(json.dumps({"queries": 3}))
+    out = run(a, tmp_path / "other.json")
+    assert out.returncode != 0 and "not an eval report" in out.stderr
+    bigger = json.loads(a.read_text())
+    bigger["results"]["toy"]["gallery_size"] = 31
+    (tmp_path / "bigger.json").write_text(json.dumps(bigger))
+    out = run(a, tmp_path / "bigger.json")
+    assert out.returncode == 1 and "gallery_size differs (30 and 31)" in out.stderr
