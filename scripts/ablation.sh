@@ -36,3 +36,7 @@ for tasks in unified identity subcategory keywords; do
   "$UEMBED" evaluate --run "$OUT/$tasks" > /dev/null
 done
 .venv/bin/python scripts/results_table.py "$OUT" pixels untrained identity subcategory keywords unified
+# The unified model against each single-task model, query by query (paired 95% intervals).
+for single in identity subcategory keywords; do
+  .venv/bin/python scripts/compare_runs.py "$OUT/unified" "$OUT/$single"
+done
