@@ -58,7 +58,7 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> list[dict[str, Any]]:
                 va, vb = np.asarray(ra["per_query"][metric]), np.asarray(rb["per_query"][metric])
                 if metric == "p@1":
                     va, vb = va.astype(bool), vb.astype(bool)
-                paired = paired_loss(va, vb)
+                paired = paired_loss(va, vb, ("a", "b"))
                 rows.append({"set": name, "codes": kind, "metric": metric, "a": ra[metric], "b": rb[metric], **paired})
     return rows
 
@@ -68,7 +68,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["ci95"]
-        only = f"{r['reference_only']} | {r['other_only']}" if "reference_only" in r else " | "
+        only = f"{r['a_only']} | {r['b_only']}" if "a_only" in r else " | "
         lines.append(f"| {r['set']} | {r['codes']} | {r['metric']} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | "
                      f"{100 * r['loss']:.1f} | {100 * lo:.1f} to {100 * hi:.1f} | {only} |")
     return "\n".join(lines) + "\n"

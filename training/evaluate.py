@@ -119,12 +119,13 @@ def retrieval_metrics(query: np.ndarray, query_labels: Sequence[object], gallery
     )
 
 
-def paired_loss(reference: np.ndarray, other: np.ndarray) -> dict[str, object]:
+def paired_loss(reference: np.ndarray, other: np.ndarray,
+                names: tuple[str, str] = ("reference", "other")) -> dict[str, object]:
     """What `other` gives up against `reference` on the same queries (one value per query each).
 
     loss = mean(reference) - mean(other); ci95 = loss +- 1.96 standard errors of the per-query
     difference (normal approximation). For boolean hits (P@1) it also counts the queries only one
-    of them gets right (`reference_only`, `other_only`: McNemar's discordant pairs).
+    of them gets right, as `<name>_only` for each of `names` (McNemar's discordant pairs).
     """
     if reference.shape != other.shape or reference.ndim != 1:
         raise ValueError(f"need two equal 1-D arrays, not {reference.shape} and {other.shape}")
@@ -134,8 +135,8 @@ def paired_loss(reference: np.ndarray, other: np.ndarray) -> dict[str, object]:
     se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
     out: dict[str, object] = {"loss": loss, "ci95": [loss - 1.96 * se, loss + 1.96 * se]}
     if reference.dtype == bool and other.dtype == bool:
-        out["reference_only"] = int((reference & ~other).sum())
-        out["other_only"] = int((other & ~reference).sum())
+        out[f"{names[0]}_only"] = int((reference & ~other).sum())
+        out[f"{names[1]}_only"] = int((other & ~reference).sum())
     return out
 
 
@@ -176,13 +177,8 @@ def evaluate_embeddings(q_emb: np.ndarray, q_labels: Sequence[object], g_emb: np
     against float query by query (paired_loss on P@1 and Avg P@20)."""
     flt = retrieval_metrics(q_emb, q_labels, g_emb, g_labels, metric="cosine", exclude=exclude)
     binary = retrieval_metrics(q_emb > 0, q_labels, g_emb > 0, g_labels, metric="hamming", exclude=exclude)
-    versus = {}
-    for metric in ("p@1", "avg_p@20"):
-        paired = paired_loss(flt.per_query[metric], binary.per_query[metric])
-        if "reference_only" in paired:
-            paired["float_only"] = paired.pop("reference_only")
-            paired["binary_only"] = paired.pop("other_only")
-        versus[metric] = paired
+    versus = {metric: paired_loss(flt.per_query[metric], binary.per_query[metric], ("float", "binary"))
+              for metric in ("p@1", "avg_p@20")}
     out: dict[str, dict] = {"float": flt.as_dict(), "binary": binary.as_dict(), "binary_vs_float": versus}
     for kind, res in (("float", flt), ("binary", binary)):
         # Kept so that two runs can be compared query by query (scripts/compare_runs.py).

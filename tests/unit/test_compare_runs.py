@@ -48,8 +48,10 @@ def test_rows_are_paired_differences(tmp_path: Path) -> None:
     for r in rows:
         kind, metric = r[1], r[2]
         assert float(r[3]) == round(100 * a[kind][metric], 1) and float(r[4]) == round(100 * b[kind][metric], 1)
-        lo, hi = (float(x) for x in r[6].split(" to "))
-        assert lo <= float(r[5]) <= hi
+        # Paired by position: the interval of the per-query differences, computed here from the reports.
+        d = np.subtract(a[kind]["per_query"][metric], b[kind]["per_query"][metric], dtype=float)
+        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+        assert r[6] == f"{100 * (d.mean() - half):.1f} to {100 * (d.mean() + half):.1f}"
     p1 = rows[0]  # float P@1: the queries only A gets right minus those only B gets right = the gap
     diff = round(100 * (a["float"]["p@1"] - b["float"]["p@1"]) * 40 / 100)
     assert int(p1[7]) - int(p1[8].rstrip(" |")) == diff and diff > 0
