@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -38,26 +40,50 @@ def failure_reason(status: int, code: str) -> str:
     return "bad_request" if 400 <= status < 500 else "inference_failed"
 
 
-class RequestMetricsMiddleware:
-    """Times every /embed request end to end and counts it by status (pure ASGI: no body copies)."""
+REQUEST_ID_HEADER = b"x-request-id"
+# What a client's own id may be: 1-128 visible ASCII characters (no spaces or controls, which would
+# let it forge log lines or headers).
+_CLIENT_REQUEST_ID = re.compile(rb"[!-~]{1,128}")
+
+
+def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The client's X-Request-ID when it is a sane one, else a new random id (32 hex digits)."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            if _CLIENT_REQUEST_ID.fullmatch(value):
+                return value
+            break
+    return uuid.uuid4().hex.encode()
+
+
+class RequestMiddleware:
+    """Pure ASGI (no body copies), for every HTTP request: an X-Request-ID on the answer (the
+    client's, or a new one; also `request.state.request_id` for log lines); for /embed, the end-to-end
+    time and the count by status."""
 
     def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app, self.state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/embed":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        metrics = self.state.metrics
+        rid = request_id(scope["headers"])
+        scope.setdefault("state", {})["request_id"] = rid.decode()
         status = 500
-        t0 = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER, rid)]
             await send(message)
 
+        if scope["path"] != "/embed":
+            await self.app(scope, receive, send_wrapper)
+            return
+        metrics = self.state.metrics
+        t0 = time.perf_counter()
         metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
@@ -118,7 +144,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
     )
     app.state.uembed = state
     app.include_router(router)
-    app.add_middleware(RequestMetricsMiddleware, state=state)
+    app.add_middleware(RequestMiddleware, state=state)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> object:
@@ -141,9 +167,12 @@ def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
                              headers=getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, err: Exception) -> object:
-        log.exception("unhandled error")
+    async def internal_error(request: Request, err: Exception) -> object:
+        # Starlette answers unhandled errors from outside every middleware, so the id is set here.
+        rid = getattr(request.state, "request_id", None)
+        log.exception("unhandled error (request %s)", rid)
         state.metrics.failures.labels("internal").inc()
-        return json_response({"error": "internal", "detail": f"{type(err).__name__}: {err}"}, status=500)
+        return json_response({"error": "internal", "detail": f"{type(err).__name__}: {err}"}, status=500,
+                             headers={"X-Request-ID": rid} if rid else None)
 
     return app

@@ -203,6 +203,32 @@ def test_bad_inputs_get_clear_4xx_and_the_server_keeps_answering(tiny_artifact: 
     assert len(cases) >= 12
 
 
+def test_every_answer_carries_a_request_id(tiny_artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = echo_app(tiny_artifact, EchoBackend(32))
+
+    @app.get("/boom", include_in_schema=False)
+    async def boom() -> None:  # a bug: an error no handler foresaw
+        raise RuntimeError("kaboom")
+
+    with ServerThread(app) as server, httpx.Client() as c:
+        ours = [c.post(f"{server.url}/embed", content=solid(9)), c.post(f"{server.url}/embed", content=b"junk"),
+                c.get(f"{server.url}/healthz"), c.get(f"{server.url}/nope")]
+        assert [r.status_code for r in ours] == [200, 400, 200, 404]
+        ids = [r.headers["x-request-id"] for r in ours]
+        assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == len(ids), ids
+        for unusable in ("x" * 129, "two words"):  # replaced, never refused
+            r = c.post(f"{server.url}/embed", content=solid(9), headers={"x-request-id": unusable})
+            assert r.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+        theirs = "Checkout-7F3a:42"
+        # /boom last: uvicorn closes the connection after an unhandled error.
+        for r in (c.post(f"{server.url}/embed", content=solid(9), headers={"x-request-id": theirs}),
+                  c.post(f"{server.url}/embed", content=b"", headers={"x-request-id": theirs}),
+                  c.get(f"{server.url}/boom", headers={"x-request-id": theirs})):
+            assert r.headers["x-request-id"] == theirs, (r.status_code, r.headers)
+        assert r.status_code == 500 and r.json()["error"] == "internal"
+        assert any(theirs in rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR")
+
+
 def test_echo_order_across_batches_and_concurrency(tiny_artifact: Path) -> None:
     backend = EchoBackend(32, delay_s=0.01)
     levels = list(range(20, 240, 13))
