@@ -147,8 +147,11 @@ def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
     app.add_middleware(RequestMiddleware, state=state)
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, err: ApiError) -> object:
+    async def api_error(request: Request, err: ApiError) -> object:
         state.metrics.failures.labels(failure_reason(err.status, err.code)).inc()
+        if err.status == 500:  # the model failed: one line per request, with the id its client sees
+            log.error("request %s failed: %s", getattr(request.state, "request_id", None), err.detail,
+                      exc_info=err.__cause__)  # the direct path's backend traceback; batches log theirs once
         body: dict[str, object] = {"error": err.code, "detail": err.detail}
         if err.index is not None:
             body["index"] = err.index

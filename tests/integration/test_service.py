@@ -245,12 +245,15 @@ def test_echo_order_across_batches_and_concurrency(tiny_artifact: Path) -> None:
     assert max(backend.batches) == 3
 
 
-def test_a_backend_failure_fails_only_its_batch(tiny_artifact: Path) -> None:
+def test_a_backend_failure_fails_only_its_batch(tiny_artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
     backend = EchoBackend(32, poison=grey_value(66))
     with ServerThread(echo_app(tiny_artifact, backend, max_wait_ms=0.0)) as server, httpx.Client() as c:
         bad = c.post(f"{server.url}/embed", content=solid(66))
         assert bad.status_code == 500 and bad.json()["error"] == "inference_failed"
         assert "poisoned" in bad.json()["detail"]
+        # The log names the failed request by the id its client got, with the backend's traceback.
+        (line,) = [r for r in caplog.records if bad.headers["x-request-id"] in r.getMessage()]
+        assert line.levelname == "ERROR" and "poisoned" in line.getMessage() and line.exc_info
         good = c.post(f"{server.url}/embed", content=solid(67))
         assert good.status_code == 200
         assert c.get(f"{server.url}/readyz").status_code == 200
