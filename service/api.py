@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.batcher import Batcher
 from service.decode import RAW_CONTENT_TYPES, ApiError
@@ -187,7 +188,11 @@ async def embed(request: Request) -> Response:
     if output not in OUTPUTS:
         raise ApiError(400, "unknown_output", f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
     deadline = _deadline(request, state)
-    body = await read_body(request, settings.max_request_bytes)
+    try:
+        body = await read_body(request, settings.max_request_bytes)
+    except ClientDisconnect:  # left mid-upload (a phone losing signal): a disconnect, not a server error
+        state.client_gone()
+        return Response(status_code=499)
     blobs = await parse_images(request, body, settings.max_images_per_request)
     del body
 

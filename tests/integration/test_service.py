@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -307,8 +308,6 @@ def test_the_direct_path_keeps_its_deadline_and_frees_its_instance_when_the_work
 
 
 def test_a_client_that_disconnects_is_dropped_before_inference(tiny_artifact: Path) -> None:
-    import time
-
     backend = EchoBackend(32, delay_s=0.3)
     with ServerThread(echo_app(tiny_artifact, backend, max_batch_size=1, max_wait_ms=0.0)) as server, \
             ThreadPoolExecutor(2) as pool:
@@ -322,6 +321,25 @@ def test_a_client_that_disconnects_is_dropped_before_inference(tiny_artifact: Pa
         assert len(backend.batches) == warmup + 1  # the slow request; never the abandoned one
         assert metric(server.url, 'uembed_failures_total{reason="client_disconnected"}') == 1
         assert metric(server.url, 'uembed_dropped_images_total{reason="client_disconnected"}') == 1
+
+
+def test_a_client_that_leaves_mid_upload_is_a_disconnect_not_a_server_error(tiny_artifact: Path) -> None:
+    import socket
+
+    with ServerThread(echo_app(tiny_artifact, EchoBackend(32))) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = photo(3, size=(300, 300), fmt="BMP")
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/bmp\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 3])
+                time.sleep(0.05)  # the server is now waiting for the rest of the body
+        wait_until(lambda: metric(server.url, 'uembed_failures_total{reason="client_disconnected"}') == 3,
+                   "three disconnects to be counted")
+        assert metric(server.url, 'uembed_failures_total{reason="internal"}') == 0
+        assert metric(server.url, 'uembed_requests_total{status="499"}') == 3
+        assert "uembed_requests_total{status=\"500\"}" not in httpx.get(f"{server.url}/metrics").text
+        assert httpx.post(f"{server.url}/embed", content=solid(5)).status_code == 200
 
 
 def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
