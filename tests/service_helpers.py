@@ -51,15 +51,22 @@ def serve_process(model: str, *flags: str) -> Iterator[str]:
     """A ready `uembed serve` process; yields its base URL; stops it (SIGTERM) and checks it exited cleanly."""
     port = free_port()
     proc = start_serve(model, port, *flags)
+    # Drained while it runs: a server that logs more than a pipe holds must not block on the write.
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
-            out = proc.communicate(timeout=60)[0]
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out = proc.communicate()[0]
+            proc.wait()
+        reader.join(timeout=10)
+        proc.stdout.close()  # type: ignore[union-attr]
+    out = "".join(lines)
     assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
 
 
