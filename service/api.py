@@ -189,10 +189,15 @@ async def embed(request: Request) -> Response:
         raise ApiError(400, "unknown_output", f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
     deadline = _deadline(request, state)
     try:
-        body = await read_body(request, settings.max_request_bytes)
+        # A client trickling its body must not hold a connection and a coroutine for ever (slowloris).
+        async with asyncio.timeout(settings.body_timeout_s):
+            body = await read_body(request, settings.max_request_bytes)
     except ClientDisconnect:  # left mid-upload (a phone losing signal): a disconnect, not a server error
         state.client_gone()
         return Response(status_code=499)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout",
+                       f"the request body did not arrive within {settings.body_timeout_s:g} s") from None
     blobs = await parse_images(request, body, settings.max_images_per_request)
     del body
 
@@ -341,6 +346,7 @@ async def model_info(state: Annotated[ServiceState, Depends(get_state)]) -> Resp
         "limits": {
             "max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "max_queue_images": s.max_queue_images,
             "request_timeout_ms": s.request_timeout_ms, "max_request_timeout_ms": s.max_request_timeout_ms,
+            "body_timeout_s": s.body_timeout_s,
             "max_images_per_request": s.max_images_per_request, "max_image_bytes": s.max_image_bytes,
             "inference_instances": state.batcher.instances if state.batcher else s.inference_instances,
             "max_request_bytes": s.max_request_bytes, "max_image_pixels": s.max_image_pixels,

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         10_000, gt=0, description="default per-request deadline; a request header X-Request-Timeout-Ms may "
         "shorten or lengthen it up to max_request_timeout_ms")
     max_request_timeout_ms: float = Field(60_000, gt=0, description="largest deadline a client may ask for")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="longest a request body may take to arrive; a slower or stalled upload gets 408 "
+        "(apart from the deadline, which bounds the work: a busy server reading late is not a slow client)")
     max_images_per_request: int = Field(32, ge=1, description="most images in one request")
     max_image_bytes: int = Field(16 << 20, ge=1024, description="largest encoded image, bytes")
     max_request_bytes: int = Field(64 << 20, ge=1024, description="largest request body, bytes")

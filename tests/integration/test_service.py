@@ -342,6 +342,32 @@ def test_a_client_that_leaves_mid_upload_is_a_disconnect_not_a_server_error(tiny
         assert httpx.post(f"{server.url}/embed", content=solid(5)).status_code == 200
 
 
+def test_a_stalled_upload_gets_408_and_the_server_keeps_answering(tiny_artifact: Path) -> None:
+    import socket
+
+    with ServerThread(echo_app(tiny_artifact, EchoBackend(32), body_timeout_s=0.3)) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = photo(4, size=(300, 300), fmt="BMP")
+        with socket.create_connection((host, int(port))) as s:
+            s.settimeout(10)
+            t0 = time.monotonic()
+            s.sendall(f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/bmp\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])  # and nothing more
+            answer = b""
+            while b"}" not in answer:  # the head and the JSON body may come in separate segments
+                chunk = s.recv(65536)
+                assert chunk, f"connection closed before the answer: {answer!r}"
+                answer += chunk
+            waited = time.monotonic() - t0
+        head, _, payload = answer.decode("latin-1").partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 408"), head
+        assert json.loads(payload)["error"] == "body_timeout"
+        assert 0.25 < waited < 5, waited
+        # A body that arrives in time is not affected, however short its deadline.
+        ok = httpx.post(f"{server.url}/embed", content=solid(5), headers={"x-request-timeout-ms": "2000"})
+        assert ok.status_code == 200
+
+
 def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
     app = echo_app(tiny_artifact, EchoBackend(32))
     with ServerThread(app) as server:
