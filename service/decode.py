@@ -19,11 +19,25 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from uembed.preprocess import PreprocessSpec
 
-# MPO (multi-picture camera JPEGs) opens through the JPEG factory.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# MPO (multi-picture camera JPEGs) opens through the JPEG factory. AVIF is Pillow's own plugin;
+# HEIF (HEIC, what phone cameras save) comes from pillow-heif, registered below when installed.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 # Content types a raw body may declare; octet-stream means "sniff it".
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff",
-                     "application/octet-stream")
+                     "image/avif", "image/heic", "image/heif", "application/octet-stream")
+
+try:  # libheif applies HEIF's rotation itself and resets the EXIF orientation, so no double turn
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # the service extra installs it; without it a HEIC upload is a clear 400 not_an_image
+    pass
+
+
+# What Pillow and its plugins raise on bad data: OSError and friends from the built-in decoders;
+# RuntimeError from the AVIF plugin ("Decoding of color planes failed") and EOFError from libheif
+# ("Unexpected end of file"), both seen in a mutation fuzz.
+DECODER_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, EOFError)
 
 
 class ApiError(Exception):
@@ -55,10 +69,10 @@ def decode_image(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> np.
     try:
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise ApiError(400, "not_an_image", "not a JPEG, PNG, WebP, GIF, BMP or TIFF image") from None
+        raise ApiError(400, "not_an_image", "not a JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF or HEIC image") from None
     except Image.DecompressionBombError as e:
         raise ApiError(413, "too_many_pixels", str(e)) from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except DECODER_ERRORS as e:
         raise ApiError(400, "corrupt_image", f"the image header cannot be read: {e}") from None
     with im:
         w, h = im.size
@@ -71,9 +85,9 @@ def decode_image(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> np.
             _draft(im, spec.input_size)
         try:
             im.load()  # the first frame of an animation
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except (*DECODER_ERRORS, Image.DecompressionBombError) as e:
             text = str(e)
-            if "truncated" in text or "premature end" in text.lower():
+            if any(p in text.lower() for p in ("truncated", "premature end", "end of file")):
                 raise ApiError(400, "truncated_image", f"the image data ends early ({text})") from None
             raise ApiError(400, "corrupt_image", f"the image data cannot be decoded ({text})") from None
         # A broken EXIF block must not fail an otherwise good image. In place: without an
@@ -82,7 +96,7 @@ def decode_image(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> np.
             ImageOps.exif_transpose(im, in_place=True)
         try:
             return spec.to_array(im)
-        except (OSError, ValueError) as e:
+        except DECODER_ERRORS as e:
             raise ApiError(400, "corrupt_image", f"the image cannot be converted to RGB ({e})") from None
 
 

@@ -75,7 +75,7 @@ def test_every_input_form_gives_the_same_embedding(real: ServerThread) -> None:
     np.testing.assert_allclose(multi[0], ref[0], atol=1e-5)
     js = vectors(httpx.post(f"{real.url}/embed", json={"images": [base64.b64encode(forms["PNG"]).decode()]}))
     np.testing.assert_allclose(js, ref, atol=1e-5)
-    for fmt, ctype in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
+    for fmt, ctype in (("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("AVIF", "image/avif"), ("HEIF", "image/heic")):
         lossy = vectors(httpx.post(f"{real.url}/embed", content=encode_image(img, fmt, quality=95),
                                    headers={"content-type": ctype}))
         assert float(lossy[0] @ ref[0]) > 0.95
