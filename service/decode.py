@@ -20,18 +20,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from uembed.preprocess import PreprocessSpec
 
 # MPO (multi-picture camera JPEGs) opens through the JPEG factory. AVIF is Pillow's own plugin;
-# HEIF (HEIC, what phone cameras save) comes from pillow-heif, registered below when installed.
+# HEIF (HEIC, what phone cameras save) comes from pillow-heif, registered by uembed.preprocess.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 # Content types a raw body may declare; octet-stream means "sniff it".
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff",
                      "image/avif", "image/heic", "image/heif", "application/octet-stream")
-
-try:  # libheif applies HEIF's rotation itself and resets the EXIF orientation, so no double turn
-    import pillow_heif
-
-    pillow_heif.register_heif_opener()
-except ImportError:  # the service extra installs it; without it a HEIC upload is a clear 400 not_an_image
-    pass
 
 
 # What Pillow and its plugins raise on bad data: OSError and friends from the built-in decoders;

@@ -13,6 +13,13 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+try:  # HEIC/HEIF (what phone cameras save) for every reader: training folders, export checks, serving.
+    import pillow_heif  # libheif applies a HEIF's rotation itself and resets its EXIF orientation
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # a base dependency; without it a HEIC file is simply not an image Pillow knows
+    pass
+
 ResizePolicy = Literal["center_crop", "stretch", "letterbox"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

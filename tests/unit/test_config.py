@@ -91,13 +91,18 @@ def test_manifest_errors_name_file_and_line(tmp_path: Path) -> None:
 def test_folder_tree_and_vocabulary(tmp_path: Path, synth_dir: Path) -> None:
     from PIL import Image
 
-    for cls in ("shoes", "bags"):
+    from uembed.preprocess import PreprocessSpec  # also registers the HEIF opener
+
+    for cls, suffixes in (("shoes", (".png", ".png")), ("bags", (".heic", ".avif"))):  # phone photos too
         (tmp_path / "tree" / cls).mkdir(parents=True)
-        for i in range(2):
-            Image.new("RGB", (8, 8)).save(tmp_path / "tree" / cls / f"{i}.png")
+        for i, suffix in enumerate(suffixes):
+            Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "tree" / cls / f"{i}{suffix}")
     recs = folder_manifest(tmp_path / "tree", "product")
     assert [r.labels["product"] for r in recs] == ["bags", "bags", "shoes", "shoes"]
     assert read_manifest(tmp_path / "tree")[0].labels == {"label": "bags"}
+    for rec in recs[:2]:  # training reads them as it reads a PNG
+        arr = PreprocessSpec(input_size=8).load(str(tmp_path / "tree" / rec.image))
+        assert arr.shape == (3, 8, 8) and arr[0].mean() > arr[1].mean()  # red
     vocab = Vocabulary.from_records(read_manifest(synth_dir / "train.jsonl"), "attributes")
     assert vocab.names == sorted(vocab.names) and vocab.encode(["circle"]) == [vocab.index["circle"]]
 
