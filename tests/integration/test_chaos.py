@@ -1,5 +1,5 @@
 """Mixed traffic against a real `uembed serve` process: good, bad, multi-image, JSON, short-deadline
-and vanishing clients at once, seeded. Each answer must be the one its request deserves (every 200
+and vanishing clients at once (seeded choices; the interleaving still varies run to run). Each answer must be the one its request deserves (every 200
 carries exactly the embeddings its own images get alone, so batching under disorder mixes no rows),
 nothing may fail on the server's side, and afterwards the queue and the in-flight gauge are empty
 and the log has no traceback."""
