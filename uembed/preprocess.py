@@ -1,6 +1,7 @@
 """The one definition of image preprocessing, shared by training, export checks and serving.
 
-Only numpy and Pillow are used here so that the service can import it without torch. The
+Only numpy and Pillow (with the pillow-heif plugin) are used here so that the service can import it
+without torch. The
 `PreprocessSpec` travels inside every checkpoint config and every artifact manifest; whatever
 reads an image for the model goes through `PreprocessSpec.to_array`.
 """
