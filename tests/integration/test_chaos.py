@@ -1,8 +1,8 @@
 """Mixed traffic against a real `uembed serve` process: good, bad, multi-image, JSON, short-deadline
-and vanishing clients at once (seeded choices; the interleaving still varies run to run). Each answer must be the one its request deserves (every 200
-carries exactly the embeddings its own images get alone, so batching under disorder mixes no rows),
-nothing may fail on the server's side, and afterwards the queue and the in-flight gauge are empty
-and the log has no traceback."""
+and vanishing clients at once (seeded choices; the interleaving still varies run to run). Each
+answer must be the one its request deserves (every 200 carries exactly the embeddings its own
+images get alone, so batching under disorder mixes no rows), nothing may fail on the server's side,
+and afterwards the queue and the in-flight gauge are empty and the log has no traceback."""
 
 from __future__ import annotations
 
