@@ -32,7 +32,7 @@ OUTPUTS = ("both", "both", "float", "binary")
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     g = parser.add_argument_group("uembed")
-    g.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of .jpg/.png/.webp photos to POST")
+    g.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of .jpg/.png/.webp/.avif/.heic photos to POST")
     g.add_argument("--step-users", type=int, default=0, help="users added per step (0: constant --users)")
     g.add_argument("--step-seconds", type=float, default=30.0, help="seconds per step")
     g.add_argument("--slo-failure-ratio", type=float, default=0.01, help="largest failed share of /embed requests")
@@ -47,7 +47,8 @@ _photos: list[tuple[str, bytes, str]] = []
 @events.test_start.add_listener
 def _load_photos(environment, **_kw) -> None:
     folder = Path(environment.parsed_options.photos)
-    types = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+    types = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+             ".avif": "image/avif", ".heic": "image/heic"}
     _photos[:] = [(p.name, p.read_bytes(), types[p.suffix.lower()]) for p in sorted(folder.iterdir())
                   if p.suffix.lower() in types]
     if not _photos:

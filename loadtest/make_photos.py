@@ -5,7 +5,8 @@
 Fetches the scikit-image and scikit-learn wheels with `pip download` (the package registry; nothing
 else), reads the photos bundled in them (skimage/data, sklearn/datasets/images), and writes JPEGs
 whose long side is up to 1000, 640, 320 or 160 px (never upscaled), so the load test exercises JPEG
-draft decoding of large uploads as well as small ones. Origins and licences: loadtest/photos/SOURCES.md.
+draft decoding of large uploads as well as small ones; two of them also as HEIC and AVIF, what phones
+and browsers upload besides JPEG. Origins and licences: loadtest/photos/SOURCES.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import pillow_heif
 from PIL import Image
+
+pillow_heif.register_heif_opener()
 
 PACKAGES = ["scikit-image==0.26.0", "scikit-learn==1.9.1"]
 # (file inside the wheel, long side in px)
@@ -28,6 +32,8 @@ PHOTOS = [
     ("skimage/data/grass.png", 160), ("sklearn/datasets/images/china.jpg", 640),
     ("sklearn/datasets/images/flower.jpg", 640),
 ]
+# Also written in these formats (pillow-heif registers HEIF with Pillow; AVIF is Pillow's own).
+ALSO = {"skimage/data/coffee.png": "heic", "sklearn/datasets/images/china.jpg": "avif"}
 OUT = Path(__file__).resolve().parent / "photos"
 
 
@@ -47,6 +53,10 @@ def main() -> int:
             path = OUT / f"{Path(member).stem}_{img.width}x{img.height}.jpg"
             img.save(path, quality=85, optimize=True)
             print(f"{path.relative_to(OUT.parent.parent)}  {path.stat().st_size // 1024} KiB")
+            if member in ALSO:
+                path = path.with_suffix("." + ALSO[member])
+                img.save(path, format="HEIF" if path.suffix == ".heic" else "AVIF", quality=60)
+                print(f"{path.relative_to(OUT.parent.parent)}  {path.stat().st_size // 1024} KiB")
     return 0
 
 

@@ -66,3 +66,30 @@ def test_default_model_matches_a_photo_to_its_own_recompressed_copy() -> None:
     assert (np.argmax(b @ a.T, axis=1) == np.arange(len(photos))).all()
     hamming = ((b[:, None, :] > 0) != (a[None, :, :] > 0)).sum(-1)
     assert (np.argmin(hamming, axis=1) == np.arange(len(photos))).all()
+
+
+def test_default_model_finds_the_jpeg_of_a_phone_format_upload() -> None:
+    """loadtest/photos' HEIC and AVIF files are the same pictures as two of its JPEGs: through the
+    service's decoder and the shipped model, each is nearest (float and binary) to its own JPEG."""
+    from model_export.onnx import ort_session
+    from service.decode import DecodeLimits, decode_image
+    from uembed.preprocess import PreprocessSpec
+
+    m = load_manifest(ROOT / "models" / "default", verify=False)
+    spec = PreprocessSpec.from_dict(m.preprocess)
+    session = ort_session(m.path("onnx"))
+    limits = DecodeLimits(16 << 20, 50_000_000)
+    folder = ROOT / "loadtest" / "photos"
+    jpegs = sorted(folder.glob("*.jpg"))
+    others = sorted([*folder.glob("*.heic"), *folder.glob("*.avif")])
+    assert {p.suffix for p in others} == {".heic", ".avif"}
+    name = session.get_inputs()[0].name
+
+    def embed(paths: list[Path]) -> np.ndarray:
+        return session.run(None, {name: np.stack([decode_image(p.read_bytes(), spec, limits) for p in paths])})[0]
+
+    a, b = embed(jpegs), embed(others)
+    own = [[j.stem for j in jpegs].index(o.stem) for o in others]
+    assert (np.argmax(b @ a.T, axis=1) == own).all()
+    hamming = ((b[:, None, :] > 0) != (a[None, :, :] > 0)).sum(-1)
+    assert (np.argmin(hamming, axis=1) == own).all()
