@@ -5,6 +5,7 @@ sources, probes, security, and values the schema refuses. No cluster needed."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,25 @@ def test_gpu_render_has_gpu_limits_toleration_probes_and_security(chart: helm_py
     assert {p["name"] for p in objs["Service"]["spec"]["ports"]} == {"http", "metrics"}
     assert objs["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
     assert objs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("values", [GPU, CPU], ids=["gpu", "cpu"])
+def test_the_configmap_is_a_valid_server_configuration(chart: helm_python.Chart, values: dict,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each UEMBED_* variable the chart sets names a real setting (a typo would be ignored by the
+    server, silently), and the server's own settings class accepts the whole environment."""
+    from service.config import Settings
+
+    data = render(chart, values)["ConfigMap"]["data"]
+    unknown = {k for k in data if k.removeprefix("UEMBED_").lower() not in Settings.model_fields}
+    assert not unknown, unknown
+    for key in [k for k in os.environ if k.startswith("UEMBED_")]:
+        monkeypatch.delenv(key)
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.body_timeout_s == 30 and settings.request_timeout_ms == 10_000
+    assert settings.max_batch_size == 16 and settings.device == ("cuda" if values is GPU else "cpu")
 
 
 def test_gpu_product_affinity_and_runtime_class(chart: helm_python.Chart) -> None:
