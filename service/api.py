@@ -160,12 +160,58 @@ async def _disconnected(request: Request) -> None:
 
 
 # -- routes -------------------------------------------------------------------------------------
+# Every error /embed answers, by status: the OpenAPI schema lists them, and a test checks that
+# each ApiError the service can raise is here.
+ERROR_CODES: dict[int, tuple[str, ...]] = {
+    400: ("empty_body", "empty_image", "not_an_image", "truncated_image", "corrupt_image", "invalid_json",
+          "invalid_base64", "invalid_multipart", "no_images", "unknown_output", "invalid_timeout"),
+    408: ("body_timeout",),
+    413: ("request_too_large", "image_too_large", "too_many_pixels", "too_many_images"),
+    415: ("unsupported_media_type",),
+    429: ("queue_full",),
+    500: ("inference_failed", "internal"),
+    503: ("not_ready", "shutting_down"),
+    504: ("deadline_exceeded",),
+}
+_ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"], "properties": {
+    "error": {"type": "string", "description": "machine-readable code"},
+    "detail": {"type": "string", "description": "what is wrong, for a person"},
+    "index": {"type": "integer", "description": "the offending image of a multi-image request"}}}
+_EMBEDDING_SCHEMA = {"type": "object", "properties": {
+    "float": {"type": "array", "items": {"type": "number"}, "description": "D floats, L2-normalized"},
+    "binary": {"type": "string", "format": "byte",
+               "description": "the D sign bits (1 where float > 0), packed MSB-first as numpy.packbits"}}}
+_MS_HEADER = {"schema": {"type": "string"}}
 EMBED_OPENAPI: dict[str, Any] = {
     "parameters": [{
         "name": "output", "in": "query", "required": False,
         "description": "float | binary | both: which form of each embedding the answer carries",
         "schema": {"type": "string", "enum": list(OUTPUTS), "default": "both"},
+    }, {
+        "name": DEADLINE_HEADER, "in": "header", "required": False,
+        "description": "this request's deadline in milliseconds (the server's default otherwise); 504 after it",
+        "schema": {"type": "number"},
+    }, {
+        "name": "x-request-id", "in": "header", "required": False,
+        "description": "your id for this request, echoed in the answer's X-Request-ID (1-128 visible ASCII "
+                       "characters; otherwise the server makes one)",
+        "schema": {"type": "string"},
     }],
+    "responses": {
+        "200": {
+            "description": "The embeddings in input order, with the model's provenance",
+            "headers": {"X-Request-ID": _MS_HEADER, "X-Queue-Time": _MS_HEADER, "X-Inference-Time": _MS_HEADER,
+                        "X-Decode-Time": _MS_HEADER},
+            "content": {"application/json": {"schema": {"type": "object", "properties": {
+                "model": {"type": "string"}, "version": {"type": "string"}, "dim": {"type": "integer"},
+                "backend": {"type": "string"}, "precision": {"type": "string"},
+                "weights_sha256": {"type": "string"},
+                "embeddings": {"type": "array", "items": _EMBEDDING_SCHEMA}}}}},
+        },
+        **{str(status): {"description": "error: " + ", ".join(codes),
+                         "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+           for status, codes in ERROR_CODES.items()},
+    },
     "requestBody": {"required": True, "content": {
         **{t: {"schema": {"type": "string", "format": "binary"}} for t in RAW_CONTENT_TYPES},
         "multipart/form-data": {"schema": {"type": "object", "properties": {

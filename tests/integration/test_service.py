@@ -143,6 +143,25 @@ def test_openapi_matches_the_snapshot(real: ServerThread) -> None:
     assert httpx.get(f"{real.url}/docs").status_code == 200
 
 
+def test_openapi_lists_every_error_the_service_can_answer(real: ServerThread) -> None:
+    from service.api import ERROR_CODES
+
+    root = Path(__file__).resolve().parents[2] / "service"
+    raised = {(int(status), code) for f in root.rglob("*.py")
+              for status, code in re.findall(r'ApiError\(\s*(\d{3}),\s*"([a-z0-9_]+)"', f.read_text())}
+    raised.add((500, "internal"))  # the unhandled-error handler's answer (service/app.py)
+    assert len(raised) >= 20
+    documented = {(status, code) for status, codes in ERROR_CODES.items() for code in codes}
+    assert raised == documented, (raised - documented, documented - raised)
+    responses = httpx.get(f"{real.url}/openapi.json").json()["paths"]["/embed"]["post"]["responses"]
+    for status, code in raised:
+        answer = responses[str(status)]
+        assert code in answer["description"], (status, code)
+        assert answer["content"]["application/json"]["schema"]["required"] == ["error", "detail"]
+    ok = responses["200"]
+    assert "X-Request-ID" in ok["headers"] and "embeddings" in ok["content"]["application/json"]["schema"]["properties"]
+
+
 # -- deterministic fake backend: errors, overload, deadlines ------------------------------------------
 def echo_app(artifact: Path, backend: EchoBackend, **kw: Any):
     return create_app(settings(artifact, **kw), backend=backend)
