@@ -22,9 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.evaluate import paired_loss
-
-METRICS = ("p@1", "avg_p@20")
+from training.evaluate import PAIRED_METRICS, paired_loss
 
 
 def load_results(path: str | Path) -> dict[str, dict]:
@@ -54,7 +52,7 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> list[dict[str, Any]]:
                 raise ValueError(f"{name} {kind}: a report has no per-query results; evaluate that run again")
             if ra["queries"] != rb["queries"]:
                 raise ValueError(f"{name}: {ra['queries']} and {rb['queries']} queries cannot be paired")
-            for metric in METRICS:
+            for metric in PAIRED_METRICS:
                 va, vb = np.asarray(ra["per_query"][metric]), np.asarray(rb["per_query"][metric])
                 if metric == "p@1":
                     va, vb = va.astype(bool), vb.astype(bool)

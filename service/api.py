@@ -181,7 +181,7 @@ _EMBEDDING_SCHEMA = {"type": "object", "properties": {
     "float": {"type": "array", "items": {"type": "number"}, "description": "D floats, L2-normalized"},
     "binary": {"type": "string", "format": "byte",
                "description": "the D sign bits (1 where float > 0), packed MSB-first as numpy.packbits"}}}
-_MS_HEADER = {"schema": {"type": "string"}}
+_HEADER = {"schema": {"type": "string"}}
 EMBED_OPENAPI: dict[str, Any] = {
     "parameters": [{
         "name": "output", "in": "query", "required": False,
@@ -200,8 +200,8 @@ EMBED_OPENAPI: dict[str, Any] = {
     "responses": {
         "200": {
             "description": "The embeddings in input order, with the model's provenance",
-            "headers": {"X-Request-ID": _MS_HEADER, "X-Queue-Time": _MS_HEADER, "X-Inference-Time": _MS_HEADER,
-                        "X-Decode-Time": _MS_HEADER},
+            "headers": {"X-Request-ID": _HEADER, "X-Queue-Time": _HEADER, "X-Inference-Time": _HEADER,
+                        "X-Decode-Time": _HEADER},  # the times in milliseconds
             "content": {"application/json": {"schema": {"type": "object", "properties": {
                 "model": {"type": "string"}, "version": {"type": "string"}, "dim": {"type": "integer"},
                 "backend": {"type": "string"}, "precision": {"type": "string"},

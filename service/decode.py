@@ -62,7 +62,8 @@ def decode_image(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> np.
     try:
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise ApiError(400, "not_an_image", "not a JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF or HEIC image") from None
+        raise ApiError(400, "not_an_image", f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
+                       ) from None
     except Image.DecompressionBombError as e:
         raise ApiError(413, "too_many_pixels", str(e)) from None
     except DECODER_ERRORS as e:

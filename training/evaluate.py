@@ -119,6 +119,10 @@ def retrieval_metrics(query: np.ndarray, query_labels: Sequence[object], gallery
     )
 
 
+# The per-query metrics kept in eval.json and compared query by query (binary_vs_float, compare_runs.py).
+PAIRED_METRICS = ("p@1", "avg_p@20")
+
+
 def paired_loss(reference: np.ndarray, other: np.ndarray,
                 names: tuple[str, str] = ("reference", "other")) -> dict[str, object]:
     """What `other` gives up against `reference` on the same queries (one value per query each).
@@ -178,12 +182,12 @@ def evaluate_embeddings(q_emb: np.ndarray, q_labels: Sequence[object], g_emb: np
     flt = retrieval_metrics(q_emb, q_labels, g_emb, g_labels, metric="cosine", exclude=exclude)
     binary = retrieval_metrics(q_emb > 0, q_labels, g_emb > 0, g_labels, metric="hamming", exclude=exclude)
     versus = {metric: paired_loss(flt.per_query[metric], binary.per_query[metric], ("float", "binary"))
-              for metric in ("p@1", "avg_p@20")}
+              for metric in PAIRED_METRICS}
     out: dict[str, dict] = {"float": flt.as_dict(), "binary": binary.as_dict(), "binary_vs_float": versus}
     for kind, res in (("float", flt), ("binary", binary)):
         # Kept so that two runs can be compared query by query (scripts/compare_runs.py).
-        out[kind]["per_query"] = {"p@1": res.per_query["p@1"].astype(int).tolist(),
-                                  "avg_p@20": res.per_query["avg_p@20"].tolist()}
+        out[kind]["per_query"] = {m: (v.astype(int) if v.dtype == bool else v).tolist()
+                                  for m, v in res.per_query.items()}
     return out
 
 

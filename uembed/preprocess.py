@@ -1,9 +1,8 @@
 """The one definition of image preprocessing, shared by training, export checks and serving.
 
 Only numpy and Pillow (with the pillow-heif plugin) are used here so that the service can import it
-without torch. The
-`PreprocessSpec` travels inside every checkpoint config and every artifact manifest; whatever
-reads an image for the model goes through `PreprocessSpec.to_array`.
+without torch. The `PreprocessSpec` travels inside every checkpoint config and every artifact
+manifest; whatever reads an image for the model goes through `PreprocessSpec.to_array`.
 """
 
 from __future__ import annotations
