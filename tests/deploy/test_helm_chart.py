@@ -1,22 +1,26 @@
 """The Helm chart, rendered by Helm's own engine (helm-python-sdk) and checked against the Kubernetes
 schemas (kubernetes-validate): GPU and CPU values, autoscaling and monitoring on and off, model
-sources, probes, security, and values the schema refuses. No cluster needed."""
+sources, probes, security, and values the schema refuses. The alert rules' and the dashboard's
+PromQL is parsed (promql-parser) and checked against the series a real server exposes. No cluster
+needed."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import helm_python
 import kubernetes_validate
+import promql_parser
 import pytest
 import yaml
 
 CHART = Path(__file__).resolve().parents[2] / "k8s" / "uembed"
 KUBE_VERSIONS = ("1.30.0", "1.37.0")
-CRD_KINDS = {"ServiceMonitor"}  # not in the core schemas: checked field by field below
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # not in the core schemas: checked field by field below
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,8 @@ def render(chart: helm_python.Chart, values: dict[str, Any] | None = None) -> di
             if obj["kind"] not in CRD_KINDS:
                 for version in KUBE_VERSIONS:
                     kubernetes_validate.validate(obj, version, strict=True)
-            key = "TestPod" if "/tests/" in path else obj["kind"]
+            key = ("TestPod" if "/tests/" in path else "DashboardConfigMap" if path.endswith("grafana-dashboard.yaml")
+                   else obj["kind"])
             assert key not in out, f"two {key} objects"
             out[key] = obj
     return out
@@ -56,8 +61,12 @@ CPU = {"gpu": {"count": 0}, "resources": {"requests": {"cpu": "2", "memory": "2G
                                           "limits": {"cpu": "4", "memory": "4Gi"}}}
 
 
+MONITORED = {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                            "grafanaDashboard": {"enabled": True}}}
+
+
 def test_lint_is_clean() -> None:
-    for values in (GPU, CPU):
+    for values in (GPU, CPU, MONITORED):
         report = helm_python.lint(str(CHART), copy.deepcopy(values), strict=True, kube_version="v1.30.0")
         assert report["errors"] == [], report
         assert all(m["severity"] < 2 for m in report["messages"]), report["messages"]
@@ -170,6 +179,135 @@ def test_monitoring_on_and_off(chart: helm_python.Chart) -> None:
     assert on["Deployment"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
 
 
+# Labels Prometheus adds to every scraped series (target labels), not the service's own.
+TARGET_LABELS = {"job", "namespace", "pod", "instance", "service", "container", "endpoint"}
+ALERTS = {"UembedTargetDown", "UembedNotReady", "UembedServerErrors", "UembedInternalError", "UembedOverloaded",
+          "UembedHighLatency"}
+
+
+@pytest.fixture(scope="module")
+def exposed() -> dict[str, dict[str, set[str]]]:
+    """Series name -> label -> values, scraped from /metrics of the real service (the shipped
+    model, in process) after a good and a bad request; `up` is Prometheus's own. The status label of
+    uembed_requests_total may also take every status /embed documents, seen here or not."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.api import ERROR_CODES
+    from service.app import create_app
+    from service.config import Settings
+
+    root = CHART.parents[1]
+    photo = (root / "loadtest" / "photos" / "brick_160x160.jpg").read_bytes()
+    with TestClient(create_app(Settings(model=str(root / "models" / "default")))) as client:
+        assert client.post("/embed", content=photo, headers={"content-type": "image/jpeg"}).status_code == 200
+        assert client.post("/embed", content=b"junk", headers={"content-type": "image/jpeg"}).status_code == 400
+        text = client.get("/metrics").text
+    series: dict[str, dict[str, set[str]]] = {"up": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = series.setdefault(sample.name, {})
+            for k, v in sample.labels.items():
+                labels.setdefault(k, set()).add(v)
+    seen = series["uembed_requests_total"]["status"]
+    assert seen == {"200", "400"}, seen
+    seen |= {"200", "499"} | {str(status) for status in ERROR_CODES}
+    return series
+
+
+def selectors(expr: str) -> list[promql_parser.VectorSelector]:
+    found: list[promql_parser.VectorSelector] = []
+    promql_parser.walk(promql_parser.parse(expr),  # raises ValueError on a syntax error
+                       lambda node: found.append(node) if isinstance(node, promql_parser.VectorSelector) else None)
+    assert found, expr
+    return found
+
+
+def check_series(expr: str, exposed: dict[str, dict[str, set[str]]], scope: dict[str, str]) -> None:
+    """Every series `expr` selects is one the service exposes, through labels it has, with values
+    it emits, and within `scope` (this release's target labels)."""
+    for sel in selectors(expr):
+        assert sel.name in exposed, f"{sel.name} is not a series the service exposes ({expr})"
+        matchers = {m.name: (str(m.op), m.value) for m in sel.matchers.matchers}
+        for label, value in scope.items():
+            assert matchers.get(label) == ("MatchOp.Equal", value), (label, expr)
+        for label, (op, value) in matchers.items():
+            if label in TARGET_LABELS:
+                continue
+            assert label in exposed[sel.name], f"{sel.name} has no label {label!r} ({expr})"
+            values = value.split("|") if op == "MatchOp.Re" else [value]
+            unknown = set(values) - exposed[sel.name][label]
+            assert not unknown, f"{sel.name}{{{label}}} never takes {unknown} ({expr})"
+
+
+def test_alert_rules(chart: helm_python.Chart, exposed: dict[str, dict[str, set[str]]]) -> None:
+    assert "PrometheusRule" not in render(chart)
+    values = {"monitoring": {"prometheusRule": {
+        "enabled": True, "labels": {"release": "prom"}, "extraLabels": {"team": "search"},
+        "runbookUrl": "https://runbooks.example/uembed", "latencyP99Seconds": 0.25, "serverErrorRatio": 0.02}}}
+    rule = render(chart, values)["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["labels"]["release"] == "prom"
+    (group,) = rule["spec"]["groups"]
+    rules = {r["alert"]: r for r in group["rules"]}
+    assert set(rules) == ALERTS and len(group["rules"]) == len(ALERTS)
+    for name, r in rules.items():
+        assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, name
+        assert r["labels"] == {"severity": r["labels"]["severity"], "team": "search"}
+        assert r["labels"]["severity"] in ("warning", "critical")
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
+        assert r["annotations"]["runbook_url"] == "https://runbooks.example/uembed"
+        top = promql_parser.parse(r["expr"])
+        assert isinstance(top, promql_parser.BinaryExpr) and str(top.op) in (">", "=="), f"{name}: not a condition"
+        check_series(r["expr"], exposed, {"job": "emb-uembed", "namespace": "ml"})
+    assert rules["UembedHighLatency"]["expr"].endswith("> 0.25")
+    assert rules["UembedServerErrors"]["expr"].endswith("> 0.02")
+    assert rules["UembedNotReady"]["for"] == "10m" and "for" not in rules["UembedInternalError"]
+    # Prometheus's own templates reach the rule untouched by Helm's.
+    assert "{{ $labels.pod }}" in rules["UembedTargetDown"]["annotations"]["summary"]
+    assert "{{ $value | humanizePercentage }}" in rules["UembedOverloaded"]["annotations"]["summary"]
+
+    # Another scrape config: the selector replaces job and namespace everywhere.
+    custom = render(chart, {"monitoring": {"prometheusRule": {"enabled": True, "selector": 'service="embed"'}}})
+    for r in custom["PrometheusRule"]["spec"]["groups"][0]["rules"]:
+        check_series(r["expr"], exposed, {"service": "embed"})
+        assert "job=" not in r["expr"] and "runbook_url" not in r["annotations"]
+
+
+def test_alert_rules_check_the_series(exposed: dict[str, dict[str, set[str]]]) -> None:
+    """The check above fails on the mistakes it exists for."""
+    scope = {"job": "j"}
+    check_series('rate(uembed_requests_total{job="j",status=~"429|504"}[5m]) > 0', exposed, scope)
+    for wrong in ('rate(uembed_request_total{job="j"}[5m]) > 0',  # a renamed metric
+                  'rate(uembed_requests_total{job="j",code="500"}[5m]) > 0',  # a label it does not have
+                  'rate(uembed_requests_total{job="j",status="5xx"}[5m]) > 0',  # a value it never takes
+                  'rate(uembed_failures_total{job="j",reason=~"internal|oom"}[5m]) > 0',
+                  'rate(uembed_requests_total{namespace="j"}[5m]) > 0'):  # outside the release
+        with pytest.raises(AssertionError):
+            check_series(wrong, exposed, scope)
+    with pytest.raises(ValueError):
+        selectors('sum(rate(uembed_images_total{job="j"}[5m]) > 0')
+
+
+def test_grafana_dashboard(chart: helm_python.Chart, exposed: dict[str, dict[str, set[str]]]) -> None:
+    assert "DashboardConfigMap" not in render(chart)
+    cm = render(chart, {"monitoring": {"grafanaDashboard": {"enabled": True}}})["DashboardConfigMap"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["uembed.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "uembed.json").read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert variables == {"datasource", "namespace", "job"}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10 and len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    for expr in exprs:  # Grafana substitutes $__rate_interval before Prometheus sees the query
+        check_series(expr.replace("$__rate_interval", "1m"), exposed, {"namespace": "$namespace", "job": "$job"})
+    shown = {sel.name for e in exprs for sel in selectors(e.replace("$__rate_interval", "1m"))}
+    families = {n.removesuffix("_total").removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+                for n in exposed if n.startswith("uembed_") and not n.endswith("_created")}
+    shown_families = {n.removesuffix("_total").removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+                      for n in shown}
+    assert families <= shown_families, f"metrics without a panel: {families - shown_families}"
+
+
 def test_config_checksum_follows_server_settings(chart: helm_python.Chart) -> None:
     def checksum(values: dict) -> str:
         return render(chart, values)["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
@@ -228,6 +366,8 @@ def test_every_container_has_resources_and_the_test_pod_posts_an_image(chart: he
         ({"model": {"source": "s3"}}, "/model/source"),
         ({"replicas": 3}, "additional properties 'replicas'"),
         ({"probes": {"startup": {"periodSeconds": "often"}}}, "/probes/startup/periodSeconds"),
+        ({"monitoring": {"prometheusRule": {"serverErrorRatio": 1.5}}}, "/monitoring/prometheusRule/serverErrorRatio"),
+        ({"monitoring": {"prometheusRule": {"notReadyFor": "ten minutes"}}}, "/monitoring/prometheusRule/notReadyFor"),
     ],
 )
 def test_values_that_break_the_schema_are_refused(chart: helm_python.Chart, values: dict, message: str) -> None:
