@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +288,37 @@ def test_alert_rules_check_the_series(exposed: dict[str, dict[str, set[str]]]) -
             check_series(wrong, exposed, scope)
     with pytest.raises(ValueError):
         selectors('sum(rate(uembed_images_total{job="j"}[5m]) > 0')
+
+
+def promtool_test(chart: helm_python.Chart, rule_values: dict, where: Path) -> subprocess.CompletedProcess:
+    """`promtool check rules` on the rendered rules (must pass), then `promtool test rules` of
+    alerts_test.yaml against them (returned)."""
+    values = {"monitoring": {"prometheusRule": {"enabled": True, **rule_values}}}
+    groups = render(chart, values)["PrometheusRule"]["spec"]["groups"]
+    (where / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False, width=1000))
+    shutil.copy(Path(__file__).with_name("alerts_test.yaml"), where)
+    check = subprocess.run(["promtool", "check", "rules", "rules.yaml"], cwd=where, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    return subprocess.run(["promtool", "test", "rules", "alerts_test.yaml"], cwd=where, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_alerts_fire_as_designed(chart: helm_python.Chart, tmp_path: Path) -> None:
+    """Prometheus's own rule engine on synthetic series (tests/deploy/alerts_test.yaml): each alert
+    fires on what it is for, only after its `for`, with its labels and annotations, and not on
+    near misses (another release, no traffic, 4xx, failed requests' latency)."""
+    tests = yaml.safe_load(Path(__file__).with_name("alerts_test.yaml").read_text())["tests"]
+    fired = {t["alertname"] for case in tests for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == ALERTS, ALERTS - fired
+    passed = promtool_test(chart, {}, tmp_path)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    # The same data against a 5% threshold for 500s: the 2% case must no longer fire.
+    (tmp_path / "strict").mkdir()
+    failed = promtool_test(chart, {"serverErrorRatio": 0.05}, tmp_path / "strict")
+    report = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "alertname: UembedServerErrors" in report, report
+    assert report.count("alertname:") == 1, report  # only that case
 
 
 def test_grafana_dashboard(chart: helm_python.Chart, exposed: dict[str, dict[str, set[str]]]) -> None:
