@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -51,15 +51,24 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 # -- reading the payload ------------------------------------------------------------------------
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, take: Callable[[int], None]) -> bytes:
+    """The body, at most `limit` bytes; `take` (UploadBudget.hold) is charged for it before it is
+    read when its length is declared, so a full server answers 429 at once, else as it arrives."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "request_too_large", f"the body is {declared} bytes; the limit is {limit}")
+    charged = 0
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise ApiError(413, "request_too_large", f"the body is {declared} bytes; the limit is {limit}")
+        charged = int(declared)
+        take(charged)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ApiError(413, "request_too_large", f"the body exceeds the limit of {limit} bytes")
+        if size > charged:
+            take(size - charged)
+            charged = size
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -168,7 +177,7 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
     408: ("body_timeout",),
     413: ("request_too_large", "image_too_large", "too_many_pixels", "too_many_images"),
     415: ("unsupported_media_type",),
-    429: ("queue_full",),
+    429: ("queue_full", "uploads_full"),
     500: ("inference_failed", "internal"),
     503: ("not_ready", "shutting_down"),
     504: ("deadline_exceeded",),
@@ -229,15 +238,21 @@ EMBED_OPENAPI: dict[str, Any] = {
 async def embed(request: Request) -> Response:
     state: ServiceState = request.app.state.uembed
     batcher = ready_batcher(state)
-    settings = state.settings
     output = request.query_params.get("output", "both")
     if output not in OUTPUTS:
         raise ApiError(400, "unknown_output", f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
     deadline = _deadline(request, state)
+    with state.uploads.hold() as take:  # the body's bytes count against the budget until the answer
+        return await _embed(request, state, batcher, output, deadline, take)
+
+
+async def _embed(request: Request, state: ServiceState, batcher: Batcher, output: str, deadline: float,
+                 take: Callable[[int], None]) -> Response:
+    settings = state.settings
     try:
         # A client trickling its body must not hold a connection and a coroutine for ever (slowloris).
         async with asyncio.timeout(settings.body_timeout_s):
-            body = await read_body(request, settings.max_request_bytes)
+            body = await read_body(request, settings.max_request_bytes, take)
     except ClientDisconnect:  # left mid-upload (a phone losing signal): a disconnect, not a server error
         state.client_gone()
         return Response(status_code=499)
@@ -396,6 +411,7 @@ async def model_info(state: Annotated[ServiceState, Depends(get_state)]) -> Resp
             "max_images_per_request": s.max_images_per_request, "max_image_bytes": s.max_image_bytes,
             "inference_instances": state.batcher.instances if state.batcher else s.inference_instances,
             "max_request_bytes": s.max_request_bytes, "max_image_pixels": s.max_image_pixels,
+            "max_body_bytes_in_flight": s.max_body_bytes_in_flight,
         },
     })
 

@@ -33,7 +33,7 @@ BACKEND_FILES = {"onnxruntime": ["onnx"], "torchscript": ["torchscript"], "tenso
 
 
 def failure_reason(status: int, code: str) -> str:
-    if code in ("queue_full", "deadline_exceeded", "inference_failed", "not_ready"):
+    if code in ("queue_full", "uploads_full", "deadline_exceeded", "inference_failed", "not_ready"):
         return code
     if code == "shutting_down":
         return "not_ready"

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(32, ge=1, description="most images in one request")
     max_image_bytes: int = Field(16 << 20, ge=1024, description="largest encoded image, bytes")
     max_request_bytes: int = Field(64 << 20, ge=1024, description="largest request body, bytes")
+    max_body_bytes_in_flight: int = Field(
+        256 << 20, ge=1024, description="request bodies held at once across all requests (being received, parsed "
+        "or decoded), bytes; a request that would pass it gets 429 uploads_full at once, so many large uploads "
+        "cannot grow the process past its memory limit")
     max_image_pixels: int = Field(
         50_000_000, ge=64, description="largest decoded image, width x height (decompression-bomb guard)")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and preprocessing images")
@@ -81,6 +85,8 @@ class Settings(BaseSettings):
                              f"({self.max_batch_size})")
         if self.max_image_bytes > self.max_request_bytes:
             raise ValueError("max_image_bytes must be <= max_request_bytes")
+        if self.max_request_bytes > self.max_body_bytes_in_flight:
+            raise ValueError("max_request_bytes must be <= max_body_bytes_in_flight")
         if self.request_timeout_ms > self.max_request_timeout_ms:
             raise ValueError("request_timeout_ms must be <= max_request_timeout_ms")
         return self

@@ -12,8 +12,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
                    0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 FILL_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
-FAILURE_REASONS = ("bad_request", "queue_full", "deadline_exceeded", "client_disconnected", "inference_failed",
-                   "not_ready", "internal")
+FAILURE_REASONS = ("bad_request", "queue_full", "uploads_full", "deadline_exceeded", "client_disconnected",
+                   "inference_failed", "not_ready", "internal")
 
 
 def _pow2_buckets(max_batch: int) -> tuple[float, ...]:
@@ -48,6 +48,8 @@ class Metrics:
                                       "reason", ["reason"], registry=r)
         self.queue_depth = Gauge("uembed_queue_depth_images", "Images waiting for a batch", registry=r)
         self.in_flight = Gauge("uembed_requests_in_flight", "Requests being processed", registry=r)
+        self.body_bytes = Gauge("uembed_body_bytes_in_flight", "Request body bytes held: being received, parsed "
+                                "or decoded (bounded by max_body_bytes_in_flight)", registry=r)
         self.ready = Gauge("uembed_ready", "1 when the model is loaded, warmed up and the batcher alive",
                            registry=r)
         self.model_info = Info("uembed_model", "The served model", registry=r)

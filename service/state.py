@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client import Gauge
 
 from model_export.manifest import Manifest
 from service.backends.base import Backend
@@ -15,6 +18,38 @@ from service.config import Settings
 from service.decode import ApiError, DecodeLimits, decode_image
 from service.metrics import Metrics
 from uembed.preprocess import PreprocessSpec
+
+
+class UploadBudget:
+    """The request-body bytes all requests hold at once (being received, parsed or decoded), bounded:
+    the per-request limit alone lets a few dozen large uploads at once take gigabytes (24 concurrent
+    48 MB multipart requests took the process from 314 MB to 3.9 GB, docs/service.md), and an
+    out-of-memory kill loses every request in flight. Used from the event loop only (no lock)."""
+
+    def __init__(self, limit: int, gauge: Gauge) -> None:
+        self.limit, self.gauge = limit, gauge
+        self.held = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[Callable[[int], None]]:
+        """A request's share: the yielded `take(n)` adds n bytes to it or raises 429 uploads_full;
+        the whole share is given back when the block ends."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            if self.held + n > self.limit:
+                raise ApiError(429, "uploads_full", f"{self.held} bytes of request bodies are being received or "
+                               f"decoded (limit {self.limit}); retry later", headers={"Retry-After": "1"})
+            self.held += n
+            taken += n
+            self.gauge.set(self.held)
+
+        try:
+            yield take
+        finally:
+            self.held -= taken
+            self.gauge.set(self.held)
 
 
 @dataclass
@@ -30,9 +65,11 @@ class ServiceState:
     ready: bool = False
     draining: bool = False
     limits: DecodeLimits = field(init=False)
+    uploads: UploadBudget = field(init=False)
 
     def __post_init__(self) -> None:
         self.limits = DecodeLimits(self.settings.max_image_bytes, self.settings.max_image_pixels)
+        self.uploads = UploadBudget(self.settings.max_body_bytes_in_flight, self.metrics.body_bytes)
 
     def is_ready(self) -> bool:
         return self.ready and not self.draining and self.batcher is not None and self.batcher.alive

@@ -387,6 +387,52 @@ def test_a_stalled_upload_gets_408_and_the_server_keeps_answering(tiny_artifact:
         assert ok.status_code == 200
 
 
+def test_bodies_in_flight_are_bounded_across_requests(tiny_artifact: Path) -> None:
+    """While one upload holds most of max_body_bytes_in_flight, another that would pass it gets 429
+    uploads_full at once, declared or chunked; once the first is answered its bytes are free again."""
+    import socket
+
+    body = photo(4, size=(300, 300), fmt="BMP")  # 270 KB
+    budget = len(body) + 100_000
+    app = echo_app(tiny_artifact, EchoBackend(32), max_body_bytes_in_flight=budget, max_request_bytes=budget,
+                   max_image_bytes=budget)
+    with ServerThread(app) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as slow:
+            slow.settimeout(10)
+            slow.sendall(f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/bmp\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
+            wait_until(lambda: metric(server.url, "uembed_body_bytes_in_flight") == len(body),
+                       "the slow upload's declared length to be held")
+            t0 = time.monotonic()
+            refused = httpx.post(f"{server.url}/embed", content=photo(5, size=(200, 200), fmt="BMP"))
+            assert refused.status_code == 429 and refused.json()["error"] == "uploads_full", refused.text
+            assert refused.headers["retry-after"] == "1" and time.monotonic() - t0 < 2
+
+            def chunks() -> Iterator[bytes]:  # no Content-Length: charged as it arrives
+                data = photo(6, size=(200, 200), fmt="BMP")
+                for i in range(0, len(data), 16_384):
+                    yield data[i : i + 16_384]
+
+            chunked = httpx.post(f"{server.url}/embed", content=chunks())
+            assert chunked.status_code == 429 and chunked.json()["error"] == "uploads_full", chunked.text
+            small = httpx.post(f"{server.url}/embed", content=solid(5))  # fits beside the slow one
+            assert small.status_code == 200, small.text
+
+            slow.sendall(body[1000:])
+            answer = b""
+            while b"}]}" not in answer:
+                chunk = slow.recv(65536)
+                assert chunk, f"connection closed before the answer: {answer!r}"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert metric(server.url, "uembed_body_bytes_in_flight") == 0
+        assert metric(server.url, 'uembed_failures_total{reason="uploads_full"}') == 2
+        again = httpx.post(f"{server.url}/embed", content=photo(5, size=(200, 200), fmt="BMP"))
+        assert again.status_code == 200, again.text
+        assert httpx.get(f"{server.url}/v1/model").json()["limits"]["max_body_bytes_in_flight"] == budget
+
+
 def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
     app = echo_app(tiny_artifact, EchoBackend(32))
     with ServerThread(app) as server:
