@@ -341,6 +341,10 @@ async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: 
             raise ApiError(500, "inference_failed", f"the backend returned {out.shape}")
         return _answer_body(state, out, output), t1 - t0, t2 - t1
 
+    if not contended and state.alone():
+        # One client connection: its requests come strictly one at a time, so the backend may keep
+        # its threads awake for the next one at once (--quiet-when-alone).
+        backend.note_sequential()
     loop = asyncio.get_running_loop()
     try:
         running = state.infer_pool.submit(work)

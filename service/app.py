@@ -7,7 +7,6 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -22,6 +21,7 @@ from service.backends import Backend, BackendError, load_backend
 from service.batcher import Batcher
 from service.config import Settings
 from service.decode import ApiError
+from service.executor import WarmThreadPool
 from service.metrics import Metrics
 from service.state import ServiceState
 from uembed.preprocess import PreprocessSpec
@@ -107,9 +107,10 @@ def create_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
         if settings.max_batch_size > state.backend.max_batch_size:
             raise BackendError(f"max_batch_size {settings.max_batch_size} exceeds what the {state.backend.name} "
                                f"backend accepts ({state.backend.max_batch_size})")
-        state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="uembed-decode")
+        # Idle threads are reused last-in first-out (service/executor.py): a lone request stays on one thread.
+        state.decode_pool = WarmThreadPool(settings.decode_threads, thread_name_prefix="uembed-decode")
         instances = min(settings.inference_instances, state.backend.max_instances)
-        state.infer_pool = ThreadPoolExecutor(instances, thread_name_prefix="uembed-infer")
+        state.infer_pool = WarmThreadPool(instances, thread_name_prefix="uembed-infer")
         state.metrics.model_info.info({
             "name": manifest.name, "version": manifest.version, "dim": str(manifest.embedding_dim),
             "backend": state.backend.name, "precision": state.backend.precision, "device": state.backend.device,

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
         1.0, ge=0, description="onnxruntime on CPU, with solo_spin_only_in_run: after this many seconds without "
         "a contended batch (requests one at a time), lone images run on a session whose threads keep spinning "
         "after the run, so back-to-back requests find them awake (0: never, and no third session in memory)")
+    quiet_when_alone: bool = Field(
+        True, description="onnxruntime on CPU: while one client connection is open (its requests come strictly one "
+        "at a time), lone images run on the quiet session at once, without waiting quiet_spin_after_s")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     cache_dir: str = Field(

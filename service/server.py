@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from model_export.manifest import load_manifest
@@ -29,6 +30,13 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.app_state.draining = True
         super().handle_exit(sig, frame)
+
+
+def watch_connections(server: uvicorn.Server, app: FastAPI) -> None:
+    """Let the app see how many client connections `server` holds open (--quiet-when-alone)."""
+    state = app.state.uembed
+    if state.settings.quiet_when_alone:
+        state.http_connections = server.server_state.connections
 
 
 def build_settings(overrides: dict[str, Any]) -> Settings:
@@ -48,6 +56,7 @@ def serve(overrides: dict[str, Any]) -> int:
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), lifespan="on", workers=1,
     )
     server = DrainingServer(config, app.state.uembed)
+    watch_connections(server, app)
     # uvicorn re-raises the captured signal with the previous handler after its graceful shutdown;
     # a no-op handler makes a drained SIGTERM end in exit status 0 instead of 143.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sized
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -60,10 +60,13 @@ class ServiceState:
     backend: Backend | None = None
     batcher: Batcher | None = None
     spec: PreprocessSpec | None = None
-    decode_pool: ThreadPoolExecutor | None = None
-    infer_pool: ThreadPoolExecutor | None = None
+    decode_pool: Executor | None = None
+    infer_pool: Executor | None = None
     ready: bool = False
     draining: bool = False
+    # The HTTP server's open connections (uvicorn's ServerState.connections, a live set), where the
+    # launcher provides it (service/server.py); None: unknown, never `alone`.
+    http_connections: Sized | None = None
     limits: DecodeLimits = field(init=False)
     uploads: UploadBudget = field(init=False)
 
@@ -85,6 +88,10 @@ class ServiceState:
             raise ApiError(400, "corrupt_image", f"the image cannot be decoded: {type(e).__name__}: {e}") from e
         finally:
             self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+
+    def alone(self) -> bool:
+        """One client connection is open: the request being served is the only one that can be."""
+        return self.http_connections is not None and len(self.http_connections) <= 1
 
     def client_gone(self) -> None:
         self.metrics.failures.labels("client_disconnected").inc()

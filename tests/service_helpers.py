@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from service.backends.base import Backend
+from service.server import watch_connections
 
 
 def free_port() -> int:
@@ -77,6 +78,7 @@ class ServerThread:
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                                     lifespan="on", timeout_graceful_shutdown=5))
+        watch_connections(self.server, app)  # as `uembed serve` does
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
     def __enter__(self) -> ServerThread:

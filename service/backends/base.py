@@ -33,6 +33,10 @@ class Backend(ABC):
         `contended` is False when no other request is decoding, queued or running: a CPU backend may then
         use every core; when True, other work needs CPU while this batch runs."""
 
+    def note_sequential(self) -> None:  # noqa: B027 - an optional hook: a no-op unless a backend uses it
+        """Requests are arriving strictly one at a time (one client connection): a CPU backend may
+        keep its threads awake between them."""
+
     def warmup(self, batch: np.ndarray) -> None:
         """Run `batch` through every path `embed` may take (twice: first runs allocate)."""
         for contended in (True, False, True, False):

@@ -68,6 +68,10 @@ class OnnxRuntimeBackend(Backend):
             return self.session
         return self.quiet_session if now - self._last_contended >= self.quiet_after_s else self.solo_session
 
+    def note_sequential(self) -> None:
+        """Quiet from now on, without waiting quiet_after_s: one client connection cannot overlap."""
+        self._last_contended = min(self._last_contended, time.monotonic() - self.quiet_after_s)
+
     def embed(self, batch: np.ndarray, contended: bool = True) -> np.ndarray:
         session = self.session_for(contended)
         return session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

@@ -433,6 +433,52 @@ def test_bodies_in_flight_are_bounded_across_requests(tiny_artifact: Path) -> No
         assert httpx.get(f"{server.url}/v1/model").json()["limits"]["max_body_bytes_in_flight"] == budget
 
 
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet-when-alone", "off"])
+def test_a_lone_connection_runs_on_one_thread_and_the_quiet_session(tiny_artifact: Path, quiet: bool) -> None:
+    """Requests one at a time run on one inference thread (service/executor.py), and with
+    --quiet-when-alone, while one client connection is open, on ONNX Runtime's quiet session at
+    once, however recent the last contended batch; a second open connection, even idle, leaves
+    that choice to the quiet_spin_after_s timer. Same answers either way."""
+    import socket
+    import threading
+
+    app = create_app(settings(tiny_artifact, backend="onnxruntime", quiet_when_alone=quiet))
+    state = app.state.uembed
+    where: list[str] = []
+    sessions: list[object] = []
+    with ServerThread(app) as server:
+        backend, decode_one, session_for = state.backend, state.decode_one, state.backend.session_for
+        state.decode_one = lambda data: (where.append(threading.current_thread().name), decode_one(data))[1]
+        backend.session_for = lambda contended: (sessions.append(s := session_for(contended)), s)[1]
+        host, port = server.url.removeprefix("http://").split(":")
+        images = [photo(i, size=(90, 70)) for i in range(4)]
+        for f in [state.infer_pool.submit(time.sleep, 0.1) for _ in range(2)]:  # as under load: both threads up
+            f.result()
+
+        def embed_each(client: httpx.Client) -> list[np.ndarray]:
+            out = []
+            for img in images:
+                session_for(True)  # a contended batch just ran: the timer alone says "not quiet yet"
+                out.append(vectors(client.post(f"{server.url}/embed", content=img)))
+            return out
+
+        with socket.create_connection((host, int(port))):  # another client, idle
+            if quiet:
+                wait_until(lambda: len(state.http_connections) == 1, "the idle connection to be accepted")
+            with httpx.Client() as client:
+                two = embed_each(client)
+        assert sessions == [backend.solo_session] * 4
+        if quiet:
+            wait_until(lambda: not state.http_connections, "the connections to close")
+        sessions.clear()
+        with httpx.Client() as client:
+            one = embed_each(client)
+        assert sessions == [backend.quiet_session if quiet else backend.solo_session] * 4
+        assert len(set(where)) == 1 and where[0].startswith("uembed-infer"), where
+        for a, b in zip(one, two, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
     app = echo_app(tiny_artifact, EchoBackend(32))
     with ServerThread(app) as server:
