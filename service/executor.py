@@ -2,8 +2,8 @@
 
 concurrent.futures.ThreadPoolExecutor wakes its idle threads in turn, so one request at a time
 alternates between them, and each request finds the other thread's caches and ONNX Runtime's
-per-thread state cold. At concurrency 1 that cost the service about 6% of its throughput against
-a server whose one worker thread serves every request (bench/serve, docs/service.md). Here the
+per-thread state cold. At concurrency 1 that cost the service 6 to 11% of its throughput against
+a server whose one worker thread serves every request (scratch runs in docs/service.md). Here the
 idle threads form a stack: a lone request runs on the same thread every time, and a second thread
 only wakes when two tasks overlap. (anyio's worker threads, which the naive server's FastAPI
 `def` route uses, are reused the same way.)
