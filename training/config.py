@@ -132,6 +132,13 @@ class OptimConfig:
     # the code held constant (Greedy Hash's quantization term). Float and binary cosines agree more
     # the closer every |e_i| is to 1/sqrt(D). 0 = off.
     quantization_weight: float = 0.0
+    # Spread the embeddings over the sphere: weight x the KoLeo entropy estimate, -mean log of each
+    # embedding's distance to its nearest neighbour in the batch (Sablayrolles et al. 2019,
+    # "Spreading vectors for similarity search"; DINOv2 uses it too). Rows that share a label of
+    # the task `koleo_exclude` are not each other's neighbours, so it spreads classes apart, not an
+    # identity's images. 0 = off.
+    koleo_weight: float = 0.0
+    koleo_exclude: str | None = None
     amp: Literal["auto", "on", "off"] = "auto"  # auto: fp16 autocast on CUDA only
 
 
@@ -249,6 +256,11 @@ class TrainConfig:
             raise ConfigError("optim.sign_loss_weight must be >= 0 (0 = off)")
         if self.optim.quantization_weight < 0:
             raise ConfigError("optim.quantization_weight must be >= 0 (0 = off)")
+        if self.optim.koleo_weight < 0:
+            raise ConfigError("optim.koleo_weight must be >= 0 (0 = off)")
+        if self.optim.koleo_exclude is not None and self.optim.koleo_exclude not in {
+                t.name for t in self.tasks if t.head != "multilabel_softmax"}:
+            raise ConfigError(f"optim.koleo_exclude {self.optim.koleo_exclude!r} is not a single-label task")
         if self.optim.head_warmup_epochs >= self.train.epochs:
             raise ConfigError("optim.head_warmup_epochs must be < train.epochs")
         try:

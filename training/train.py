@@ -132,6 +132,25 @@ def quantization_loss(embeddings: torch.Tensor) -> torch.Tensor:
     return (1.0 - (embeddings.float() * _unit_code(embeddings).float()).sum(dim=1)).mean()
 
 
+def koleo_loss(embeddings: torch.Tensor, same: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """-mean log(distance to the nearest other row) for unit-norm rows (the KoLeo entropy estimate,
+    up to constants). `same[i, j]` True: j is not a candidate neighbour of i (e.g. the same class).
+    Rows with no candidate are left out."""
+    e = embeddings.float()
+    with torch.no_grad():
+        dots = e @ e.T
+        blocked = torch.eye(len(e), dtype=torch.bool, device=e.device)
+        if same is not None:
+            blocked |= same
+        dots.masked_fill_(blocked, -3.0)
+        nearest = dots.argmax(dim=1)
+        keep = ~blocked.all(dim=1)
+    if not bool(keep.any()):
+        return e.sum() * 0.0
+    dist = (e[keep] - e[nearest[keep]]).norm(dim=1)
+    return -torch.log(dist + eps).mean()
+
+
 def lr_multiplier(cfg: TrainConfig, step: int, total: int) -> float:
     progress = min(1.0, step / max(1, total))
     if cfg.optim.schedule == "cosine":
@@ -339,6 +358,15 @@ class Trainer:
                 out[t.name] = self.losses[t.name](emb, lab.to(self.device))
         return out
 
+    def _same_label(self, labels: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Rows that share a label of optim.koleo_exclude's (single-label) task."""
+        name = self.cfg.optim.koleo_exclude
+        if name is None:
+            return None
+        lab = labels[name]
+        known = lab != IGNORE
+        return (lab[:, None] == lab[None, :]) & known[:, None] & known[None, :]
+
     def train_step(self, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
         step = self.step
         torch.manual_seed(derive_seed(self.cfg.seed, step, self.dist.rank, 3))  # dropout & co, per step
@@ -368,6 +396,10 @@ class Trainer:
         if quant_weight > 0:
             quant = quantization_loss(emb)
             total = total + quant_weight * quant
+        koleo_weight = self.cfg.optim.koleo_weight
+        if koleo_weight > 0:
+            koleo = koleo_loss(emb, self._same_label(labels))
+            total = total + koleo_weight * koleo
         self.optimizer.zero_grad(set_to_none=True)
         if self.proxy_optimizer is not None:
             self.proxy_optimizer.zero_grad(set_to_none=True)
@@ -404,6 +436,8 @@ class Trainer:
             result["sign"] = float(sign_total.detach())
         if quant_weight > 0:
             result["quantization"] = float(quant.detach())
+        if koleo_weight > 0:
+            result["koleo"] = float(koleo.detach())
         result["total"] = float(total.detach())
         result["grad_norm"] = grad_norm
         return result

@@ -39,6 +39,9 @@ def test_overrides_by_dotted_path_and_task_name(tiny_config: dict[str, Any]) -> 
         ("model.saturation=-1", "saturation must be a finite number >= 0"),
         ("optim.sign_loss_weight=-0.5", "sign_loss_weight must be >= 0"),
         ("optim.quantization_weight=-1", "quantization_weight must be >= 0"),
+        ("optim.koleo_weight=-1", "koleo_weight must be >= 0"),
+        ("optim.koleo_exclude=colour", "koleo_exclude 'colour' is not a single-label task"),
+        ("optim.koleo_exclude=attributes", "not a single-label task"),  # multi-label
         ("model.color_layout=5", "input_size \\(32\\) must be a multiple of model.color_layout"),
     ],
 )

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tests.conftest import build_config
 from training.checkpoint import CheckpointError, latest_checkpoint, load_model
 from training.proxies import IGNORE
-from training.train import Trainer, quantization_loss, sign_code
+from training.train import Trainer, koleo_loss, quantization_loss, sign_code
 
 
 def _batch(trainer: Trainer, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -207,6 +207,10 @@ def test_sign_and_quantization_losses_add_to_the_task_losses(tiny_config: dict[s
     pulled = Trainer(build_config(tiny_config, "optim.quantization_weight=2"), tmp_path / "pulled")
     c = pulled.train_step(images, labels)
     assert 0 < c["quantization"] < 1 and math.isclose(c["total"], a["total"] + 2 * c["quantization"], rel_tol=1e-5)
+    spread = Trainer(build_config(tiny_config, "optim.koleo_weight=0.5", "optim.koleo_exclude=identity"),
+                     tmp_path / "spread")
+    d = spread.train_step(images, labels)
+    assert math.isfinite(d["koleo"]) and math.isclose(d["total"], a["total"] + 0.5 * d["koleo"], rel_tol=1e-5)
 
 
 def test_init_from_copies_weights_and_proxies_by_class_name_and_starts_fresh(
@@ -247,3 +251,23 @@ def test_quantization_loss_is_zero_on_a_code_and_pulls_toward_it() -> None:
     loss.backward()
     step = torch.nn.functional.normalize(emb.detach() - 0.5 * emb.grad, dim=1)
     assert float(quantization_loss(step)) < float(loss.detach())
+
+
+def test_koleo_loss_is_the_log_nearest_distance_and_spreads_the_rows() -> None:
+    e = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
+    # nearest neighbours: 0 <-> 1 (distance sqrt(0.8)), 2 -> 1 (distance sqrt(3.2))
+    want = -(2 * math.log(math.sqrt(0.8)) + math.log(math.sqrt(3.2))) / 3
+    assert float(koleo_loss(e)) == pytest.approx(want, rel=1e-5)
+    # rows 0 and 1 share a class: they are no longer each other's neighbours
+    same = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    want = -(math.log(2.0) + math.log(math.sqrt(3.2)) + math.log(math.sqrt(3.2))) / 3
+    assert float(koleo_loss(e, same)) == pytest.approx(want, rel=1e-5)
+    # a row with no candidate at all is left out, and all blocked gives 0 without NaN
+    assert float(koleo_loss(e, torch.ones(3, 3, dtype=torch.bool))) == 0.0
+    # a gradient step on the loss moves the closest pair apart
+    emb = torch.nn.functional.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(3)), dim=1)
+    closest = float(torch.pdist(emb).min())
+    x = emb.clone().requires_grad_()
+    koleo_loss(x).backward()
+    stepped = torch.nn.functional.normalize(emb - 0.05 * x.grad, dim=1)
+    assert float(torch.pdist(stepped).min()) > closest
