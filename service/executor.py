@@ -19,6 +19,7 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 _Task = tuple[Future, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_IDLE: Any = object()  # _work's marker: wait on the inbox for the next task
 
 
 class WarmThreadPool(Executor):
@@ -56,22 +57,35 @@ class WarmThreadPool(Executor):
     def _work(self, task: _Task | None, inbox: queue.SimpleQueue[_Task | None]) -> None:
         while task is not None:
             future, fn, args, kwargs = task
+            outcome: tuple[bool, Any] | None = None
             if future.set_running_or_notify_cancel():
                 try:
-                    result = fn(*args, **kwargs)
+                    outcome = (True, fn(*args, **kwargs))
                 except BaseException as e:  # as concurrent.futures does: the caller decides
-                    future.set_exception(e)
-                else:
-                    future.set_result(result)
-            del task, future, fn, args, kwargs  # drop references (results, batches) while idle
+                    outcome = (False, e)
+            del task, fn, args, kwargs  # drop references (batches) while idle
+            # Back on the idle stack before the result is published. The caller, woken by the result,
+            # may submit its next task at once: publishing wakes the event loop through a socket write
+            # that releases the GIL, and the loop can answer the client, read its next request and
+            # submit before this thread runs again. It must find this thread on top, not the other one.
             with self._lock:
                 if self._backlog:
                     task = self._backlog.popleft()
-                    continue
-                if self._shutdown:
-                    return
-                self._idle.append(inbox)
-            task = inbox.get()
+                elif self._shutdown:
+                    task = None
+                else:
+                    self._idle.append(inbox)
+                    task = _IDLE
+            if outcome is not None:
+                ok, value = outcome
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+                del value
+            del future, outcome
+            if task is _IDLE:
+                task = inbox.get()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new tasks; queued ones still run unless `cancel_futures`; idle threads exit."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import pytest
 
@@ -26,6 +26,28 @@ def test_one_task_at_a_time_stays_on_one_thread() -> None:
         f.result()
     assert len({std.submit(lambda: threading.current_thread().name).result() for _ in range(20)}) > 1
     std.shutdown()
+
+
+def test_a_thread_is_idle_again_before_its_result_is_published() -> None:
+    # What a caller woken by a result does at once (the service: answer, read the next request,
+    # submit) must find the thread that just finished on top of the idle stack. A done callback runs
+    # inside the publishing, so a task it submits shows which thread was idle by then.
+    pool = WarmThreadPool(2, thread_name_prefix="t")
+    for f in [pool.submit(time.sleep, 0.05) for _ in range(2)]:  # both threads started, both idle
+        f.result()
+    gate, submitted = threading.Event(), threading.Event()
+    nexts: list[Future] = []
+
+    def submit_next(_: Future) -> None:
+        nexts.append(pool.submit(lambda: threading.current_thread().name))
+        submitted.set()
+
+    first = pool.submit(lambda: (gate.wait(5), threading.current_thread().name)[1])
+    first.add_done_callback(submit_next)  # before the task can finish: it runs in the pool's thread
+    gate.set()
+    assert submitted.wait(5)
+    assert nexts[0].result(5) == first.result(5)
+    pool.shutdown()
 
 
 def test_results_errors_and_at_most_max_workers_threads() -> None:
