@@ -7,6 +7,9 @@
    loop at half that rate: p50/p99 latency.
 3. The naive server (naive_server.py: one request = one decode + one forward) under the same loads.
 
+With --repeat N the tables give medians over the rounds, followed by each round's figures and, per
+concurrency, the uembed / naive ratio's median, range and the rounds uembed was ahead in.
+
     .venv/bin/python bench/serve/run.py --model models/default --seconds 8
     .venv/bin/python bench/serve/run.py --seconds 6 --repeat 3     # medians of 3 interleaved rounds
 """
@@ -186,6 +189,12 @@ def main() -> int:
         for i, (o, oh, n, nh, h) in enumerate(rounds, 1):
             cells = ", ".join(f"c{c} {o[c]['images_per_s']}/{n[c]['images_per_s']}" for c in args.concurrency)
             print(f"- round {i}: {cells}; half load {h}/s p99 {oh['p99_ms']}/{nh['p99_ms']}")
+        # The rounds' spread says whether a median lead is more than this machine's drift.
+        print("\nuembed / naive images/s per round (median ratio, range, rounds ahead):")
+        for c in args.concurrency:
+            ratios = np.array([rd[0][c]["images_per_s"] / rd[2][c]["images_per_s"] for rd in rounds])
+            print(f"- concurrency {c}: {np.median(ratios):.3f} ({ratios.min():.3f} to {ratios.max():.3f}), "
+                  f"ahead in {int((ratios > 1).sum())} of {len(ratios)}")
     return 0
 
 
