@@ -5,7 +5,7 @@
 The served binary code is the D sign bits of the float embedding. Its Hamming distance estimates
 the angle between two embeddings from D hyperplanes, so it ranks like float up to that estimate's
 noise. This script measures the noise against the float ranking on the config's eval sets by
-lengthening the code: 256 x m bits are the served bits followed by the bits of e R for m - 1
+lengthening the code: D x m bits are the served bits followed by the bits of e R for m - 1
 seeded random orthogonal R (each R keeps every float cosine and draws D new hyperplanes). Two more
 columns: asymmetric search (the query's float against the gallery's +-1 codes) and a Hamming
 shortlist of K gallery items re-ranked by float cosine, the two-stage search a product builds
@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.evaluate import _labels, retrieval_metrics
+from training.evaluate import _label_ids, _labels, retrieval_metrics
 
 
 def sign_codes(emb: np.ndarray, multiple: int, seed: int = 0) -> np.ndarray:
@@ -54,15 +54,15 @@ def shortlist_p1(query: np.ndarray, query_labels: Sequence[object], gallery: np.
     shortlist = np.argsort(-(qb @ gb.T), axis=1, kind="stable")[:, :k]
     cos = np.take_along_axis(qn @ gn.T, shortlist, axis=1)
     best = shortlist[np.arange(len(query)), np.argmax(cos, axis=1)]
-    gl, ql = np.asarray([str(x) for x in gallery_labels]), np.asarray([str(x) for x in query_labels])
-    answerable = np.isin(ql, gl)
-    return float(np.mean(gl[best][answerable] == ql[answerable]))
+    qy, gy = _label_ids(query_labels, gallery_labels)
+    answerable = np.isin(qy, gy)
+    return float(np.mean(gy[best][answerable] == qy[answerable]))
 
 
-def embed_records(session, spec, records) -> np.ndarray:
-    name = session.get_inputs()[0].name
+def embed_records(run, spec, records) -> np.ndarray:
+    """The records' embeddings by `run` (model_export.onnx.ort_runner), 64 images at a time."""
     images = np.stack([spec.load(str(r.image)) for r in records])
-    return np.concatenate([session.run(None, {name: images[i:i + 64]})[0] for i in range(0, len(images), 64)])
+    return np.concatenate([run(images[i:i + 64]) for i in range(0, len(images), 64)])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -76,14 +76,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from model_export.manifest import load_manifest
-    from model_export.onnx import ort_session
+    from model_export.onnx import ort_runner, ort_session
     from training.config import load_config
     from training.data.manifest import read_manifest
     from uembed.preprocess import PreprocessSpec
 
     manifest = load_manifest(args.model)
     spec = PreprocessSpec.from_dict(manifest.preprocess)
-    session = ort_session(manifest.path("onnx"))
+    run = ort_runner(ort_session(manifest.path("onnx")))
     dim = manifest.embedding_dim
     cols = ["float", *(f"{dim * m} bits" for m in args.multiples), "asymmetric",
             *(f"shortlist {k}" for k in args.shortlist)]
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if es.exclude_self or es.gallery == es.query:
             raise SystemExit(f"{es.name}: a set ranked against itself is not supported here")
         gallery = read_manifest(es.gallery)
-        q, g = embed_records(session, spec, query), embed_records(session, spec, gallery)
+        q, g = embed_records(run, spec, query), embed_records(run, spec, gallery)
         ql, gl = _labels(query, es.label_key, es.query), _labels(gallery, es.label_key, es.gallery)
         row = [retrieval_metrics(q, ql, g, gl, metric="cosine").p_at_1]
         for m in args.multiples:
