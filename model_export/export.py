@@ -8,6 +8,7 @@ manifest and can never be served.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -165,6 +166,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             "checkpoint": str(ckpt),
             "step": step,
             "init_from": cfg.train.init_from or None,  # the run a fine-tune started from, if any
+            "init_trunk": _trunk_provenance(cfg.train.init_trunk),  # pretrained trunk weights, if any
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_version": torch.__version__,
             "tasks": {t.name: {"head": t.head, "classes": len(classes.get(t.name, []))} for t in cfg.tasks},
@@ -179,3 +181,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
 
 
 __all__ = ["FORMATS", "ExportError", "ExportOptions", "TensorRTError", "export_checkpoint"]
+
+
+def _trunk_provenance(path: str) -> dict[str, Any] | None:
+    """train.init_trunk and, from the .json `uembed data trunk` writes beside it, where it came from."""
+    if not path:
+        return None
+    info: dict[str, Any] = {"path": path}
+    sidecar = Path(path).with_suffix(".json")
+    if sidecar.is_file():
+        info["source"] = json.loads(sidecar.read_text()).get("source")
+    return info
+

@@ -163,6 +163,10 @@ class TrainLoopConfig:
     # the tasks both runs have; the optimizer, the schedule and the step start fresh. A run that has
     # its own checkpoint resumes from that instead.
     init_from: str = ""
+    # Start the trunk from pretrained weights: a safetensors file of the timm trunk's state dict
+    # (`uembed data trunk` writes one). Every tensor in the file must match the trunk; the head,
+    # GeM and the proxies start fresh. Ignored when the run resumes or has init_from.
+    init_trunk: str = ""
 
 
 @dataclass
@@ -261,6 +265,8 @@ class TrainConfig:
         if self.optim.koleo_exclude is not None and self.optim.koleo_exclude not in {
                 t.name for t in self.tasks if t.head != "multilabel_softmax"}:
             raise ConfigError(f"optim.koleo_exclude {self.optim.koleo_exclude!r} is not a single-label task")
+        if self.train.init_trunk and self.train.init_from:
+            raise ConfigError("train.init_trunk and train.init_from both set: init_from already holds a trunk")
         if self.optim.head_warmup_epochs >= self.train.epochs:
             raise ConfigError("optim.head_warmup_epochs must be < train.epochs")
         try:

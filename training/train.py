@@ -195,6 +195,8 @@ class Trainer:
             self._restore(ckpt)
         elif cfg.train.init_from:
             self._init_from(resolve_checkpoint(cfg.train.init_from))
+        elif cfg.train.init_trunk:
+            self._init_trunk(Path(cfg.train.init_trunk))
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # -- construction --------------------------------------------------------------------------
@@ -306,6 +308,25 @@ class Trainer:
                     self.banks[t.name].weight[new_rows] = proxies[t.name][old_rows].to(self.banks[t.name].weight)
                 copied[t.name] = len(pairs)
         self.init_record = {"event": "init_from", "path": str(ckpt), "proxies_copied": copied}
+
+    def _init_trunk(self, path: Path) -> None:
+        """Pretrained trunk weights (a safetensors state dict of the timm trunk, no head)."""
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise CheckpointError(f"train.init_trunk {path}: no such file (`uembed data trunk` writes it)")
+        state = load_file(path)
+        own = self.model.trunk.state_dict()
+        bad = sorted(k for k, v in state.items() if k not in own or own[k].shape != v.shape)
+        if bad:
+            raise CheckpointError(f"train.init_trunk {path}: {len(bad)} tensors do not fit trunk "
+                                  f"{self.cfg.model.trunk}, e.g. {bad[:3]}")
+        missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+        self.init_record = {"event": "init_trunk", "path": str(path), "tensors": len(state),
+                            "trunk_tensors_left_at_init": missing}
 
     # -- one step ------------------------------------------------------------------------------
     def in_head_warmup(self, step: int) -> bool:

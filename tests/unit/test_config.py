@@ -118,3 +118,9 @@ def test_only_tasks_keeps_the_named_tasks_and_their_datasets(tiny_config: dict[s
     assert [t.name for t in cfg.tasks] == ["attributes", "pairs"] and len(cfg.manifests()) == 2
     with pytest.raises(ConfigError, match="no task named colour"):
         config_from_dict(copy.deepcopy(tiny_config), only_tasks=["identity", "colour"])
+
+
+def test_init_trunk_and_init_from_are_exclusive(tiny_config: dict[str, Any]) -> None:
+    tiny_config["train"]["init_from"] = "runs/a"
+    with pytest.raises(ConfigError, match=r"init_trunk and train\.init_from both set"):
+        build_config(tiny_config, "train.init_trunk=trunk.safetensors")

@@ -33,6 +33,7 @@ def test_manifest_describes_the_model_and_its_files(tiny_artifact: Path, tiny_ch
         assert figures["images"] >= 8 and figures["batch_sizes"] == [1, 3, 17]
     assert m.data["model"]["tasks"]["identity"] == {"head": "norm_softmax", "classes": 18}
     assert m.data["model"]["init_from"] is None  # trained from scratch, not fine-tuned
+    assert m.data["model"]["init_trunk"] is None  # and no pretrained trunk
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
@@ -153,3 +154,14 @@ def test_color_layout_model_exports_to_onnx_with_parity(tmp_path: Path, saturati
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(run(x), want, atol=1e-5)
+
+
+def test_trunk_provenance_names_the_file_and_its_source(tmp_path: Path) -> None:
+    from model_export.export import _trunk_provenance
+
+    assert _trunk_provenance("") is None
+    weights = tmp_path / "trunk.safetensors"
+    assert _trunk_provenance(str(weights)) == {"path": str(weights)}  # no sidecar: the path only
+    weights.with_suffix(".json").write_text('{"source": "npm nsfwjs@4.3.0", "tensors": 260}')
+    assert _trunk_provenance(str(weights)) == {"path": str(weights), "source": "npm nsfwjs@4.3.0"}
+

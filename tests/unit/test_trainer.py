@@ -242,6 +242,30 @@ def test_init_from_a_different_model_is_a_clear_error(tiny_config: dict[str, Any
         Trainer(cfg, tmp_path / "ft")
 
 
+def test_init_trunk_loads_pretrained_trunk_weights_and_nothing_else(tiny_config: dict[str, Any],
+                                                                   tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    plain = Trainer(build_config(tiny_config), tmp_path / "plain")
+    pretrained = {k: torch.randn_like(v) if v.is_floating_point() else v
+                  for k, v in plain.model.trunk.state_dict().items()}
+    path = tmp_path / "trunk.safetensors"
+    save_file(pretrained, str(path))
+    trainer = Trainer(build_config(tiny_config, f"train.init_trunk={path}"), tmp_path / "run")
+    for k, v in trainer.model.trunk.state_dict().items():
+        assert torch.equal(v, pretrained[k]), k
+    for k, v in trainer.model.head.state_dict().items():  # the head starts as it would without
+        assert torch.equal(v, plain.model.head.state_dict()[k]), k
+    assert trainer.init_record is not None and trainer.init_record["tensors"] == len(pretrained)
+
+    wrong = {k: torch.zeros(3) for k in list(pretrained)[:2]}
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(CheckpointError, match="2 tensors do not fit trunk"):
+        Trainer(build_config(tiny_config, f"train.init_trunk={tmp_path / 'wrong.safetensors'}"), tmp_path / "w")
+    with pytest.raises(CheckpointError, match="no such file"):
+        Trainer(build_config(tiny_config, f"train.init_trunk={tmp_path / 'none.safetensors'}"), tmp_path / "n")
+
+
 def test_quantization_loss_is_zero_on_a_code_and_pulls_toward_it() -> None:
     code = torch.where(torch.randn(4, 64) > 0, 1.0, -1.0) / 8.0
     assert float(quantization_loss(code)) == pytest.approx(0.0, abs=1e-6)
