@@ -180,9 +180,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     return load_manifest(out)
 
 
-__all__ = ["FORMATS", "ExportError", "ExportOptions", "TensorRTError", "export_checkpoint"]
-
-
 def _trunk_provenance(path: str) -> dict[str, Any] | None:
     """train.init_trunk and, from the .json `uembed data trunk` writes beside it, where it came from."""
     if not path:
@@ -193,3 +190,5 @@ def _trunk_provenance(path: str) -> dict[str, Any] | None:
         info["source"] = json.loads(sidecar.read_text()).get("source")
     return info
 
+
+__all__ = ["FORMATS", "ExportError", "ExportOptions", "TensorRTError", "export_checkpoint"]

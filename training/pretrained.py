@@ -72,13 +72,15 @@ def _exported_object(js: str, where: str) -> str:
     m = re.search(r'\w\.exports=\{', js)
     if m is None:
         raise PretrainedError(f"{where}: no exported object literal")
-    start, depth, in_str = m.end() - 1, 0, False
+    start, depth, in_str, escaped = m.end() - 1, 0, False, False
     for i in range(start, len(js)):
         c = js[i]
         if in_str:
-            if c == "\\":
-                continue
-            if c == '"' and js[i - 1] != "\\":
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
                 in_str = False
         elif c == '"':
             in_str = True
