@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The paper's ablation on the emoji data (docs/results.md): single-task models vs the unified one,
 # plus the pixel and untrained baselines, all on the eval sets of CONFIG, float and binary.
-# Every model trains with the same configs, schedule and seed; only the task list differs. Each
-# model trains in two stages like the shipped one: CONFIG into OUT/stage1/NAME, then FINETUNE from
-# those weights into OUT/NAME (FINETUNE= empty: one stage, straight into OUT/NAME).
+# Every model trains with the same configs, schedule and seed; only the task list differs. The
+# shipped recipe (v11) is one stage, CONFIG straight into OUT/NAME; with FINETUNE set, each model
+# trains in two stages: CONFIG into OUT/stage1/NAME, then FINETUNE from those weights into OUT/NAME.
 #   bash scripts/ablation.sh            # four models (time per run: docs/results.md)
+#   CONFIG=configs/v10_stage1.yaml FINETUNE=configs/v10_finetune.yaml OUT=runs/v10 bash scripts/ablation.sh
+# Needs the pretrained trunk for the default config: .venv/bin/uembed data trunk
 # Needs the data first: .venv/bin/uembed data emoji --out data/emoji
 # An interrupted run resumes from its last checkpoint when the script is started again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/default.yaml}
-FINETUNE=${FINETUNE-configs/default_finetune.yaml}
+FINETUNE=${FINETUNE:-}
 OUT=${OUT:-runs/ablation}
 UEMBED=${UEMBED:-.venv/bin/uembed}
 mkdir -p "$OUT"
