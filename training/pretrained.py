@@ -4,10 +4,10 @@ No model hub is reachable on our machines, but npm is, and the `nsfwjs` package 
 Keras MobileNetV2 (alpha 1.0) weights inside its JavaScript bundle: a TensorFlow.js layers model
 (`dist/models/mobilenet_v2/model.min.js`: topology + weights manifest) and one weight shard
 (`group1-shard1of1.min.js`: the bytes, base64), quantized to uint8. nsfwjs trained only a
-classifier head and the last six inverted-residual blocks (block_11 to block_16) on its own five
-classes; the stem and blocks 0 to 10 are Keras' ImageNet weights unchanged (they are
-`trainable: false` in the topology). We use the trunk up to the 1280-channel `Conv_1` and drop
-nsfwjs' head.
+classifier head, the last six inverted-residual blocks (block_11 to block_16) and the final 1x1
+convolution (Conv_1) on its own five classes; the stem and blocks 0 to 10 are Keras' ImageNet
+weights unchanged but for the quantization (they are `trainable: false` in the topology). We use
+the trunk up to the 1280-channel `Conv_1` and drop nsfwjs' head.
 
 What the conversion does, to timm's `mobilenetv2_100` (same architecture and layer order):
 - dequantizes each tensor (value = byte * scale + min, per tensor);
@@ -19,7 +19,7 @@ What the conversion does, to timm's `mobilenetv2_100` (same architecture and lay
   the constant it would add is moved into the stem BN's running mean. The result equals the Keras
   network on our inputs everywhere except the zero padding at the image border.
 - Keras pads stride-2 convolutions on the bottom/right only, PyTorch on all sides: a one-pixel
-  shift in four layers. It is a starting point for training, so we keep timm's standard padding.
+  shift in the five stride-2 layers. It is a starting point for training, so we keep timm's standard padding.
 
 The file written is a safetensors state dict of the timm trunk; `train.init_trunk` loads it.
 """
@@ -225,12 +225,12 @@ def build_trunk_weights(out: Path, cache: Path, mean: tuple[float, float, float]
     layers = model.topology["model_config"]["config"]["layers"]
     retrained = sorted({layer["name"].split("_expand")[0].split("_depthwise")[0].split("_project")[0]
                         for layer in layers if layer["class_name"] in ("Conv2D", "DepthwiseConv2D")
-                        and layer.get("config", {}).get("trainable") is not False} - {"Conv_1"})
+                        and layer.get("config", {}).get("trainable") is not False})
     info = {"trunk": TRUNK, "source": f"npm {PACKAGE}@{VERSION}", "file": MODEL_DIR,
             "tensors": len(state),
             "parameters": int(sum(v.size for k, v in state.items() if not k.endswith(("_mean", "_var")))),
             "input_mean": list(mean), "input_std": list(std),
-            # Keras' ImageNet weights except these blocks, which nsfwjs trained on its own classes.
-            "blocks_retrained_by_nsfwjs": retrained}
+            # Keras' ImageNet weights except these layers, which nsfwjs trained on its own classes.
+            "retrained_by_nsfwjs": retrained}
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return info
