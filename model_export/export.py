@@ -167,6 +167,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             "step": step,
             "init_from": cfg.train.init_from or None,  # the run a fine-tune started from, if any
             "init_trunk": _trunk_provenance(cfg.train.init_trunk),  # pretrained trunk weights, if any
+            "code_rotation": _rotation_provenance(ckpt),  # the learned rotation of the sign bits, if any
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_version": torch.__version__,
             "tasks": {t.name: {"head": t.head, "classes": len(classes.get(t.name, []))} for t in cfg.tasks},
@@ -178,6 +179,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     }
     write_manifest(out, manifest)
     return load_manifest(out)
+
+
+def _rotation_provenance(ckpt: Path) -> dict[str, Any] | None:
+    """What training/code_rotation.py recorded in the checkpoint: its settings and the binary P@1
+    before and after on the images it measured, or None for a checkpoint without a code rotation."""
+    from training.code_rotation import rotation_record
+
+    record = rotation_record(ckpt)
+    if record is None:
+        return None
+    keep = ("settings", "manifest", "label_key", "images", "fit_images", "report")
+    return {k: record[k] for k in keep if k in record}
 
 
 def _trunk_provenance(path: str) -> dict[str, Any] | None:

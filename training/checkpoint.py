@@ -7,6 +7,7 @@
         classes.json          class names per task, index = proxy row
         trainer_state.pt      optimizer/scaler state and counters; only tensors and plain
                               containers, loaded with torch.load(weights_only=True)
+        code_rotation.json    only after a code rotation (training/code_rotation.py): what it did
     RUN_DIR/checkpoints/LATEST   name of the newest complete checkpoint
 
 A checkpoint is written to a temporary directory and renamed, so a crash never leaves a half
@@ -34,7 +35,8 @@ class CheckpointError(UserError, RuntimeError):
 
 def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Tensor],
                     proxies: dict[str, torch.Tensor], cfg: TrainConfig, classes: dict[str, list[str]],
-                    trainer_state: dict[str, Any], keep: int = 2) -> Path:
+                    trainer_state: dict[str, Any], keep: int = 2,
+                    notes: dict[str, dict[str, Any]] | None = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -47,6 +49,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Te
     (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (tmp / "classes.json").write_text(json.dumps(classes, ensure_ascii=False))
     torch.save(trainer_state, tmp / "trainer_state.pt")
+    for file, note in (notes or {}).items():  # records of what was done to these weights (JSON)
+        (tmp / file).write_text(json.dumps(note, indent=2))
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

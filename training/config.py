@@ -170,6 +170,25 @@ class TrainLoopConfig:
 
 
 @dataclass
+class CodeRotationConfig:
+    """After training, an orthogonal rotation R of the embedding, learned for its sign bits and
+    folded into the projection (training/code_rotation.py). Float cosines do not change (R keeps
+    angles); the bits become the signs of e R. 0 steps = off."""
+
+    steps: int = 0
+    lr: float = 0.001  # Adam on the skew-symmetric generator A, R = exp(A - A^T)
+    beta: float = 40.0  # tanh(beta * e) relaxes sign(e) for unit-norm e (|e_i| about 1/sqrt(D))
+    temperature: float = 0.05
+    queries_per_step: int = 1024  # images per step; each queries with its clean, camera and scene view
+    gallery_size: int = 8192  # clean images per step (whole classes, drawn at random when there are more)
+    manifest: str = ""  # default: the first of data.datasets (else the first task's manifest)
+    label_key: str = ""  # what makes two images a match; default: that dataset's class_key
+    # Fraction of the label values left out of the fit and measured before and after (for choosing
+    # the settings); 0 fits on everything and measures on the fit set.
+    holdout: float = 0.0
+
+
+@dataclass
 class EvalSetConfig:
     name: str
     query: str
@@ -188,6 +207,7 @@ class TrainConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    code_rotation: CodeRotationConfig = field(default_factory=CodeRotationConfig)
     eval: list[EvalSetConfig] = field(default_factory=list)
 
     @property
@@ -267,6 +287,13 @@ class TrainConfig:
             raise ConfigError(f"optim.koleo_exclude {self.optim.koleo_exclude!r} is not a single-label task")
         if self.train.init_trunk and self.train.init_from:
             raise ConfigError("train.init_trunk and train.init_from both set: init_from already holds a trunk")
+        cr = self.code_rotation
+        if cr.steps < 0 or cr.lr <= 0 or cr.beta <= 0 or cr.temperature <= 0:
+            raise ConfigError("code_rotation: steps must be >= 0 (0 = off); lr, beta and temperature > 0")
+        if cr.queries_per_step < 1 or cr.gallery_size < 2 or not 0 <= cr.holdout < 1:
+            raise ConfigError("code_rotation: queries_per_step >= 1, gallery_size >= 2, holdout in [0, 1)")
+        if cr.steps and self.model.saturation:
+            raise ConfigError("code_rotation needs model.saturation 0: tanh does not commute with a rotation")
         if self.optim.head_warmup_epochs >= self.train.epochs:
             raise ConfigError("optim.head_warmup_epochs must be < train.epochs")
         try:

@@ -500,6 +500,18 @@ class Trainer:
         self._log({"event": "checkpoint", "step": self.step, "path": str(path)})
         return path
 
+    def rotate_code(self) -> dict[str, Any]:
+        """After the last step: the code rotation (training/code_rotation.py) on the newest
+        checkpoint, once; a resumed run whose checkpoint already holds one keeps it."""
+        from training.code_rotation import rotate_run, rotation_record
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None and rotation_record(ckpt) is not None:
+            return {"skipped": f"{ckpt.name} already holds a code rotation"}
+        result = rotate_run(self.run_dir, self.cfg, device=self.device, log=self._log)
+        self._log(result)
+        return {"checkpoint": result["checkpoint"], "report": result["report"], "seconds": result["seconds"]}
+
     def _check_proxy_sync(self) -> None:
         """Every rank must hold the same banks; a divergence is a bug, stop loudly."""
         digests = {n: float(b.weight.detach().double().sum() + (b.weight.detach().double() ** 2).sum())
@@ -573,7 +585,10 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: bool = True) -> 
     info = init_distributed(cfg.train.device)
     try:
         trainer = Trainer(cfg, run_dir, info, resume=resume)
-        return trainer.fit()
+        summary = trainer.fit()
+        if cfg.code_rotation.steps and info.is_main:
+            summary["code_rotation"] = trainer.rotate_code()
+        return summary
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()

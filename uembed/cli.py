@@ -22,6 +22,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rotate(args: argparse.Namespace) -> int:
+    from training.checkpoint import load_checkpoint_config, resolve_checkpoint
+    from training.code_rotation import rotate_run
+    from training.config import config_from_dict
+
+    ckpt = resolve_checkpoint(args.run)
+    cfg = config_from_dict(load_checkpoint_config(ckpt).to_dict(), args.overrides)
+    if args.workers is not None:
+        cfg.data.num_workers = args.workers
+    result = rotate_run(ckpt, cfg, device=args.device)
+    with (ckpt.parent.parent / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(result) + "\n")
+    print(json.dumps({k: result[k] for k in ("checkpoint", "report", "seconds")}, indent=2))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_baseline, evaluate_run, markdown_table
 
@@ -136,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. optim.lr=0.1 tasks.identity.weight=2 train.epochs=3")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("rotate", help="fit the code rotation on a finished run and rotate its newest checkpoint "
+                       "(float embeddings unchanged, sign bits learned; training/code_rotation.py)")
+    p.add_argument("--run", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, help="image rendering workers (default: the run's data.num_workers)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings over the run's config, e.g. code_rotation.steps=200 code_rotation.holdout=0.2")
+    p.set_defaults(func=_cmd_rotate)
 
     p = sub.add_parser("evaluate", help="retrieval metrics of a run's newest checkpoint on its eval sets")
     p.add_argument("--run", help="run directory or checkpoint directory")

@@ -145,6 +145,25 @@ def scene_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return jpeg(canvas.convert("RGB").crop(box), int(rng.integers(70, 96)))
 
 
+def product_scene(img: Image.Image, others: list[Image.Image], rng: np.random.Generator,
+                  size: int) -> Image.Image:
+    """Render `img` in a scene of other products, as a detector's crop would show it: a textured
+    canvas of 2.5 x `size` px, the `others` pasted at random places, then the product (last, so
+    fully visible), each at 44 to 88% of `size`; the crop is the product's box grown by up to 15%
+    of its side on each edge, so neighbours show at its margins (Shop the Look's queries)."""
+    side_max = int(size * 2.5)
+    canvas = background_texture((side_max, side_max), rng).convert("RGBA")
+    x = y = side = 0
+    for item in [*others, img]:
+        side = int(rng.integers(round(0.44 * size), round(0.88 * size) + 1))
+        x, y = int(rng.integers(0, side_max - side)), int(rng.integers(0, side_max - side))
+        canvas.alpha_composite(item.convert("RGBA").resize((side, side), Image.Resampling.BICUBIC), (x, y))
+    jitter = side * 0.15 * rng.random(4)
+    box = (max(0, int(x - jitter[0])), max(0, int(y - jitter[1])),
+           min(side_max, int(x + side + jitter[2])), min(side_max, int(y + side + jitter[3])))
+    return jpeg(canvas.convert("RGB").crop(box), int(rng.integers(80, 96)))
+
+
 def zoom_out(img: Image.Image, rng: np.random.Generator, max_pad: float = 0.35,
              fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """The product smaller in the frame: each side padded by up to `max_pad` of the image's size
