@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from training.checkpoint import (
     CheckpointError,
+    latest_checkpoint,
     load_checkpoint_config,
     load_classes,
     load_model,
@@ -202,6 +203,7 @@ def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.dev
                log: Any = None) -> dict[str, Any]:
     """Fit the code rotation on the run's newest checkpoint and write that checkpoint rotated.
 
+    `run_dir` may also name that checkpoint's directory; an older checkpoint is refused.
     `cfg` gives the settings (code_rotation, data, seed). A checkpoint that already holds a
     rotation is refused (CheckpointError): its record would no longer describe its weights.
     """
@@ -210,6 +212,9 @@ def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.dev
         raise ConfigError("code_rotation.steps is 0: set it (for example code_rotation.steps=200)")
     ckpt = resolve_checkpoint(run_dir)
     run_dir = ckpt.parent.parent  # a checkpoint directory given: its run
+    if latest_checkpoint(run_dir) != ckpt:
+        # Writing it again would make an older step the run's LATEST.
+        raise CheckpointError(f"{ckpt} is not the newest checkpoint of {run_dir}: rotate the run's newest")
     if (ckpt / RECORD_FILE).exists():
         raise CheckpointError(f"{ckpt} already holds a code rotation ({RECORD_FILE})")
     t0 = time.perf_counter()

@@ -111,6 +111,17 @@ def test_rotate_run_rotates_the_checkpoint_once(tiny_checkpoint: Path, tiny_conf
         rotate_run(run, cfg)
 
 
+def test_rotate_run_refuses_an_older_checkpoint(tiny_checkpoint: Path, tiny_config: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run)
+    newest = resolve_checkpoint(run)
+    older = newest.parent / "step_00000001"
+    shutil.copytree(newest, older)
+    with pytest.raises(CheckpointError, match="not the newest checkpoint"):
+        rotate_run(older, build_config(tiny_config, "code_rotation.steps=2"))
+    assert resolve_checkpoint(run) == newest and rotation_record(newest) is None
+
+
 def test_rotate_run_refuses_zero_steps(tiny_checkpoint: Path, tiny_config: dict) -> None:
     with pytest.raises(ConfigError, match=r"code_rotation\.steps is 0"):
         rotate_run(tiny_checkpoint, build_config(tiny_config))
