@@ -48,6 +48,7 @@ from training.config import CodeRotationConfig, ConfigError, TrainConfig, save_c
 from training.data.augment import camera_view, product_scene
 from training.data.datasets import derive_seed
 from training.data.manifest import Record, read_manifest
+from training.evaluate import retrieval_metrics
 from uembed.preprocess import PreprocessSpec
 
 VIEWS = ("clean", "camera", "scene")
@@ -104,24 +105,16 @@ def embed_views(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 3
 
 def _p_at_1(emb: torch.Tensor, labels: torch.Tensor, rotation: torch.Tensor | None) -> dict[str, float]:
     """P@1 (%) of each view against the clean images of the same set (the query's own image left
-    out), float and with the sign bits of e R; ties by gallery order, as training/evaluate.py."""
-    clean = emb[:, 0]
+    out), float and with the sign bits of e R, ranked by training/evaluate.py's retrieval_metrics."""
+    clean = emb[:, 0].numpy()
+    turned = emb.numpy() if rotation is None else (emb @ rotation).numpy()
+    ids, own = labels.numpy(), np.arange(len(labels))
     out: dict[str, float] = {}
-    n = len(labels)
     for v, name in enumerate(VIEWS):
-        for code in ("float", "binary"):
-            q, g = emb[:, v], clean
-            if code == "binary":
-                r = rotation if rotation is not None else torch.eye(q.shape[1])
-                q, g = torch.where(q @ r > 0, 1.0, -1.0), torch.where(g @ r > 0, 1.0, -1.0)
-            hits = 0
-            for s in range(0, n, 1024):
-                scores = q[s:s + 1024] @ g.T
-                rows = torch.arange(scores.shape[0])
-                scores[rows, rows + s] = -torch.inf
-                top = scores.argmax(dim=1)  # the first maximum: gallery order breaks ties
-                hits += int((labels[top] == labels[s:s + 1024]).sum())
-            out[f"{name}_{code}"] = round(100.0 * hits / max(1, n), 2)
+        floats = retrieval_metrics(emb[:, v].numpy(), ids, clean, ids, exclude=own)
+        bits = retrieval_metrics(turned[:, v] > 0, ids, turned[:, 0] > 0, ids, metric="hamming", exclude=own)
+        out[f"{name}_float"] = round(100.0 * floats.p_at_1, 2)
+        out[f"{name}_binary"] = round(100.0 * bits.p_at_1, 2)
     return out
 
 
@@ -160,7 +153,6 @@ def fit_rotation(emb: torch.Tensor, labels: torch.Tensor, cfg: CodeRotationConfi
         rows = torch.arange(len(own))
         positive = labels[gallery][None, :] == labels[pick].repeat_interleave(len(VIEWS))[:, None]
         positive[rows, own] = False
-        scores = scores.clone()
         scores[rows, own] = -torch.inf
         has = positive.any(dim=1)
         if not bool(has.any()):
@@ -215,7 +207,7 @@ def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.dev
     if latest_checkpoint(run_dir) != ckpt:
         # Writing it again would make an older step the run's LATEST.
         raise CheckpointError(f"{ckpt} is not the newest checkpoint of {run_dir}: rotate the run's newest")
-    if (ckpt / RECORD_FILE).exists():
+    if rotation_record(ckpt) is not None:
         raise CheckpointError(f"{ckpt} already holds a code rotation ({RECORD_FILE})")
     t0 = time.perf_counter()
     model, ckpt_cfg = load_model(ckpt, device)
