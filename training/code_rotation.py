@@ -7,10 +7,12 @@ what the trained model's own axes amount to (docs/results.md: its bits rank like
 rotations' bits); ITQ (Gong & Lazebnik 2011), which minimizes quantization error without labels,
 did no better. This fits R with labels instead, for the retrieval the bits serve: each image of
 the training set queries, with its clean drawing and with a camera view and a scene crop
-rendered by the training augmentations, a gallery of clean images, and a softmax over relaxed
-Hamming similarities (tanh(beta e R), the Hamming distance's continuous form) is trained to rank
-the query's own class first (its own image left out). R = exp(A - A^T) stays exactly orthogonal
-while Adam moves the skew-symmetric generator.
+rendered by the training augmentations (`draws` of each), a gallery of clean images, and a
+softmax over relaxed Hamming similarities (tanh(beta e R), the Hamming distance's continuous form)
+is trained to rank the query's own class first (its own image left out). `extra_labels` adds the
+same term for other labels (a subcategory, so that browsing by the bits keeps its matches too),
+each with its weight. R = exp(A - A^T) stays exactly orthogonal while Adam moves the
+skew-symmetric generator.
 
 `rotate_run` embeds the views once with the frozen model, fits R on those embeddings (D x D
 numbers; seconds to minutes on a CPU), and writes the checkpoint again with the projection and
@@ -51,21 +53,30 @@ from training.data.manifest import Record, read_manifest
 from training.evaluate import retrieval_metrics
 from uembed.preprocess import PreprocessSpec
 
-VIEWS = ("clean", "camera", "scene")
+VIEWS = ("clean", "camera", "scene")  # the first three views of every image; later draws repeat camera, scene
 RECORD_FILE = "code_rotation.json"
 PROJECTION = "head.proj.weight"
 
 
+def view_names(draws: int) -> tuple[str, ...]:
+    """clean, camera, scene, then camera_2, scene_2, ... for each further draw."""
+    return VIEWS + tuple(f"{v}_{k}" for k in range(2, draws + 1) for v in VIEWS[1:])
+
+
 class ViewsDataset(Dataset):
-    """Each image as (3, C, S, S): its clean drawing, a camera view and a scene crop, seeded by index.
+    """Each image as (1 + 2 draws, C, S, S): its clean drawing, then per draw a camera view and a
+    scene crop (view_names order), seeded by index; draw k uses seed + k - 1, so the first draw is
+    the same whatever the number of draws.
 
     The camera view renders the drawing at the input size, as the camera eval set does; the scene
     crop cuts it out of a scene of 2 to 4 other images of the set (training/data/augment.py,
     product_scene).
     """
 
-    def __init__(self, records: Sequence[Record], spec: PreprocessSpec, seed: int) -> None:
-        self.records, self.spec, self.seed = list(records), spec, seed
+    def __init__(self, records: Sequence[Record], spec: PreprocessSpec, seed: int, draws: int = 1) -> None:
+        if draws < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
+        self.records, self.spec, self.seed, self.draws = list(records), spec, seed, draws
 
     def __len__(self) -> int:
         return len(self.records)
@@ -74,38 +85,39 @@ class ViewsDataset(Dataset):
         size = self.spec.input_size
         with Image.open(self.records[i].image) as im:
             rgba = im.convert("RGBA")
-        rng = np.random.default_rng(derive_seed(self.seed, 31, i))
         product = rgba.resize((size, size), Image.Resampling.BICUBIC)
-        others = []
-        for j in rng.integers(0, len(self.records), int(rng.integers(2, 5))):
-            with Image.open(self.records[int(j)].image) as im:
-                others.append(im.convert("RGBA"))
-        views = [
-            self.spec.to_array(rgba),
-            self.spec.to_array(camera_view(product, rng)),
-            self.spec.to_array(product_scene(rgba, others, rng, size)),
-        ]
+        views = [self.spec.to_array(rgba)]
+        for k in range(self.draws):
+            rng = np.random.default_rng(derive_seed(self.seed + k, 31, i))
+            others = []
+            for j in rng.integers(0, len(self.records), int(rng.integers(2, 5))):
+                with Image.open(self.records[int(j)].image) as im:
+                    others.append(im.convert("RGBA"))
+            views.append(self.spec.to_array(camera_view(product, rng)))
+            views.append(self.spec.to_array(product_scene(rgba, others, rng, size)))
         return torch.from_numpy(np.stack(views))
 
 
 @torch.no_grad()
 def embed_views(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 32, num_workers: int = 0,
                 worker_start: str = "fork", device: str | torch.device = "cpu") -> torch.Tensor:
-    """(N, 3, D) float32 embeddings of every image's three views (VIEWS order)."""
+    """(N, V, D) float32 embeddings of every image's V views (the dataset's order)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         multiprocessing_context=worker_start if num_workers else None)
     out = []
     model.eval()
     for views in loader:
-        n = views.shape[0]
+        n, v = views.shape[:2]
         emb = model(views.flatten(0, 1).to(device))
-        out.append(emb.float().cpu().reshape(n, len(VIEWS), -1))
+        out.append(emb.float().cpu().reshape(n, v, -1))
     return torch.cat(out)
 
 
-def _p_at_1(emb: torch.Tensor, labels: torch.Tensor, rotation: torch.Tensor | None) -> dict[str, float]:
-    """P@1 (%) of each view against the clean images of the same set (the query's own image left
-    out), float and with the sign bits of e R, ranked by training/evaluate.py's retrieval_metrics."""
+def _p_at_1(emb: torch.Tensor, labels: torch.Tensor, rotation: torch.Tensor | None,
+            extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """P@1 (%) of the first three views against the clean images of the same set (the query's own
+    image left out), float and with the sign bits of e R, ranked by training/evaluate.py's
+    retrieval_metrics; and for each `extra` label (-1 = none), clean against clean, Avg P@20."""
     clean = emb[:, 0].numpy()
     turned = emb.numpy() if rotation is None else (emb @ rotation).numpy()
     ids, own = labels.numpy(), np.arange(len(labels))
@@ -115,14 +127,24 @@ def _p_at_1(emb: torch.Tensor, labels: torch.Tensor, rotation: torch.Tensor | No
         bits = retrieval_metrics(turned[:, v] > 0, ids, turned[:, 0] > 0, ids, metric="hamming", exclude=own)
         out[f"{name}_float"] = round(100.0 * floats.p_at_1, 2)
         out[f"{name}_binary"] = round(100.0 * bits.p_at_1, 2)
+    for key, values in (extra or {}).items():
+        have = values.numpy() >= 0
+        if have.sum() < 2:
+            continue
+        ids, own = values.numpy()[have], np.arange(int(have.sum()))
+        floats = retrieval_metrics(clean[have], ids, clean[have], ids, exclude=own)
+        bits = retrieval_metrics(turned[have, 0] > 0, ids, turned[have, 0] > 0, ids, metric="hamming", exclude=own)
+        out[f"{key}_avg_p@20_float"] = round(100.0 * floats.avg_p_at_20, 2)
+        out[f"{key}_avg_p@20_binary"] = round(100.0 * bits.avg_p_at_20, 2)
     return out
 
 
 def fit_rotation(emb: torch.Tensor, labels: torch.Tensor, cfg: CodeRotationConfig, seed: int = 0,
-                 log: Any = None) -> torch.Tensor:
-    """An orthogonal (D, D) R for the sign bits of e R, fitted on `emb` (N, 3, D: VIEWS per image,
-    unit rows) with integer class `labels` (N,). Deterministic for a given seed."""
-    n, _, dim = emb.shape
+                 log: Any = None, extra: Sequence[tuple[torch.Tensor, float]] = ()) -> torch.Tensor:
+    """An orthogonal (D, D) R for the sign bits of e R, fitted on `emb` (N, V, D: the clean view
+    first, unit rows) with integer class `labels` (N,): the gallery is drawn by those classes.
+    `extra` adds (labels, weight) terms, labels (N,) with -1 for none. Deterministic for a seed."""
+    n, views, dim = emb.shape
     gen = torch.Generator().manual_seed(seed)
     generator = torch.zeros(dim, dim, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([generator], lr=cfg.lr)
@@ -146,20 +168,26 @@ def fit_rotation(emb: torch.Tensor, labels: torch.Tensor, cfg: CodeRotationConfi
         g_code = torch.tanh(cfg.beta * (emb[gallery, 0] @ rotation))
         q_code = torch.tanh(cfg.beta * (emb[pick].reshape(-1, dim) @ rotation))
         scores = (q_code @ g_code.T) * scale
-        # Row k of q_code is image pick[k // 3]; its own clean image is not a match for itself.
+        # Row k of q_code is image pick[k // views]; its own clean image is not a match for itself.
         position = torch.full((n,), -1, dtype=torch.long)
         position[gallery] = torch.arange(len(gallery))
-        own = position[pick].repeat_interleave(len(VIEWS))
+        own = position[pick].repeat_interleave(views)
         rows = torch.arange(len(own))
-        positive = labels[gallery][None, :] == labels[pick].repeat_interleave(len(VIEWS))[:, None]
-        positive[rows, own] = False
         scores[rows, own] = -torch.inf
-        has = positive.any(dim=1)
-        if not bool(has.any()):
-            raise ConfigError("code_rotation: no image has another image of its class in the gallery; "
-                              "the label needs classes with two or more images")
-        loss = -(torch.logsumexp(scores.masked_fill(~positive, -torch.inf), dim=1)
-                 - torch.logsumexp(scores, dim=1))[has].mean()
+        denominator = torch.logsumexp(scores, dim=1)
+        loss = torch.zeros(())
+        for term, (values, weight) in enumerate(((labels, 1.0), *extra)):
+            query = values[pick].repeat_interleave(views)
+            positive = (values[gallery][None, :] == query[:, None]) & (query[:, None] >= 0)
+            positive[rows, own] = False
+            has = positive.any(dim=1)
+            if not bool(has.any()):
+                if term:
+                    continue  # this step's gallery holds no match for an extra label
+                raise ConfigError("code_rotation: no image has another image of its class in the gallery; "
+                                  "the label needs classes with two or more images")
+            matched = torch.logsumexp(scores.masked_fill(~positive, -torch.inf), dim=1)
+            loss = loss - weight * (matched - denominator)[has].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -191,6 +219,23 @@ def _class_labels(cfg: TrainConfig) -> tuple[str, str]:
     return manifest, key
 
 
+def _label_ids(records: Sequence[Record], key: str, manifest: str, missing_ok: bool = False) -> torch.Tensor:
+    """Integer ids of one single-valued label (-1 where an image has none and `missing_ok`)."""
+    values = [r.labels.get(key) for r in records]
+    if not missing_ok and any(v is None for v in values):
+        raise ConfigError(f"code_rotation: an image of {manifest} has no {key!r} label")
+    if any(v is not None and not isinstance(v, str | int) for v in values):
+        raise ConfigError(f"code_rotation.extra_labels: {key!r} in {manifest} has several values per image; "
+                          "a match needs one value (an identity, a category)")
+    present = [str(v) for v in values if v is not None]
+    if not present:
+        raise ConfigError(f"code_rotation: no image of {manifest} has a {key!r} label")
+    _, inverse = np.unique(np.asarray(present), return_inverse=True)
+    ids = torch.full((len(values),), -1, dtype=torch.long)
+    ids[torch.tensor([v is not None for v in values])] = torch.from_numpy(inverse.astype(np.int64))
+    return ids
+
+
 def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.device = "cpu",
                log: Any = None) -> dict[str, Any]:
     """Fit the code rotation on the run's newest checkpoint and write that checkpoint rotated.
@@ -217,10 +262,9 @@ def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.dev
     records = [r for r in read_manifest(manifest) if r.labels.get(key) is not None]
     if len(records) < 2:
         raise ConfigError(f"code_rotation: {manifest} has fewer than two images with a {key!r} label")
-    names = np.asarray([str(r.labels[key]) for r in records])
-    _, inverse = np.unique(names, return_inverse=True)
-    labels = torch.from_numpy(inverse.astype(np.int64))
-    emb = embed_views(model, ViewsDataset(records, ckpt_cfg.preprocess_spec, cfg.seed),
+    labels = _label_ids(records, key, manifest)
+    extra = {k: _label_ids(records, k, manifest, missing_ok=True) for k in cr.extra_labels if k != key}
+    emb = embed_views(model, ViewsDataset(records, ckpt_cfg.preprocess_spec, cfg.seed, cr.draws),
                       num_workers=cfg.data.num_workers, worker_start=cfg.data.worker_start, device=device)
     embed_s = time.perf_counter() - t0
 
@@ -230,20 +274,23 @@ def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.dev
         held = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(cfg.seed))]
         held = held[: max(1, round(cr.holdout * len(values)))]
         fit = ~torch.isin(labels, held)
-    rotation = fit_rotation(emb[fit], labels[fit], cr, seed=cfg.seed, log=log)
+    rotation = fit_rotation(emb[fit], labels[fit], cr, seed=cfg.seed, log=log,
+                            extra=[(v[fit], float(cr.extra_labels[k])) for k, v in extra.items()])
     measured = ~fit if cr.holdout else fit
+    shown = {k: v[measured] for k, v in extra.items()}
     report = {
         "measured_on": "held-out classes" if cr.holdout else "the fit set (in-sample)",
         "images": int(measured.sum()),
-        "before": _p_at_1(emb[measured], labels[measured], None),
-        "after": _p_at_1(emb[measured], labels[measured], rotation),
+        "before": _p_at_1(emb[measured], labels[measured], None, shown),
+        "after": _p_at_1(emb[measured], labels[measured], rotation, shown),
     }
     orth = float((rotation @ rotation.T - torch.eye(rotation.shape[0])).abs().max())
 
     state, proxies = rotate_state(
         {k: v.cpu() for k, v in model.state_dict().items()}, load_proxies(ckpt), rotation)
     record = {
-        "settings": asdict(cr), "manifest": manifest, "label_key": key, "images": len(records),
+        "settings": asdict(cr), "manifest": manifest, "label_key": key, "views": list(view_names(cr.draws)),
+        "images": len(records),
         "fit_images": int(fit.sum()), "orthogonality_error": orth, "report": report,
         "seconds": {"embed": round(embed_s, 1), "total": round(time.perf_counter() - t0, 1)},
     }
@@ -263,4 +310,5 @@ def rotation_record(ckpt: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-__all__ = ["VIEWS", "ViewsDataset", "embed_views", "fit_rotation", "rotate_run", "rotate_state", "rotation_record"]
+__all__ = ["VIEWS", "ViewsDataset", "embed_views", "fit_rotation", "rotate_run", "rotate_state", "rotation_record",
+           "view_names"]

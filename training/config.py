@@ -179,10 +179,16 @@ class CodeRotationConfig:
     lr: float = 0.001  # Adam on the skew-symmetric generator A, R = exp(A - A^T)
     beta: float = 40.0  # tanh(beta * e) relaxes sign(e) for unit-norm e (|e_i| about 1/sqrt(D))
     temperature: float = 0.05
-    queries_per_step: int = 1024  # images per step; each queries with its clean, camera and scene view
+    queries_per_step: int = 1024  # images per step; each queries with its clean view and every drawn view
+    # Camera views and scene crops rendered per image (one of each per draw, each draw seeded apart):
+    # more draws, more of the shifts the bits must survive, for the cost of embedding them.
+    draws: int = 1
     gallery_size: int = 8192  # clean images per step (whole classes, drawn at random when there are more)
     manifest: str = ""  # default: the first of data.datasets (else the first task's manifest)
     label_key: str = ""  # what makes two images a match; default: that dataset's class_key
+    # Other single-valued labels of the same manifest whose matches the bits should also rank first,
+    # each with its loss weight (e.g. {subcategory: 1.0}, so that browsing keeps its bits too).
+    extra_labels: dict[str, float] = field(default_factory=dict)
     # Fraction of the label values left out of the fit and measured before and after (for choosing
     # the settings); 0 fits on everything and measures on the fit set.
     holdout: float = 0.0
@@ -290,8 +296,12 @@ class TrainConfig:
         cr = self.code_rotation
         if cr.steps < 0 or cr.lr <= 0 or cr.beta <= 0 or cr.temperature <= 0:
             raise ConfigError("code_rotation: steps must be >= 0 (0 = off); lr, beta and temperature > 0")
-        if cr.queries_per_step < 1 or cr.gallery_size < 2 or not 0 <= cr.holdout < 1:
-            raise ConfigError("code_rotation: queries_per_step >= 1, gallery_size >= 2, holdout in [0, 1)")
+        if cr.queries_per_step < 1 or cr.gallery_size < 2 or not 0 <= cr.holdout < 1 or cr.draws < 1:
+            raise ConfigError("code_rotation: queries_per_step >= 1, gallery_size >= 2, draws >= 1, holdout in [0, 1)")
+        bad = {k: w for k, w in cr.extra_labels.items()
+               if isinstance(w, bool) or not isinstance(w, int | float) or w <= 0}
+        if bad:
+            raise ConfigError(f"code_rotation.extra_labels: weights must be numbers > 0, got {bad}")
         if cr.steps and self.model.saturation:
             raise ConfigError("code_rotation needs model.saturation 0: tanh does not commute with a rotation")
         if self.optim.head_warmup_epochs >= self.train.epochs:

@@ -21,6 +21,7 @@ from training.code_rotation import (
     rotate_run,
     rotate_state,
     rotation_record,
+    view_names,
 )
 from training.config import CodeRotationConfig, ConfigError
 from training.data.manifest import read_manifest
@@ -70,6 +71,33 @@ def test_fit_rotation_is_orthogonal_and_frees_the_bits_of_a_shared_direction() -
     assert torch.equal(rotation, fit_rotation(emb, labels, cfg, seed=0))  # deterministic
 
 
+def test_fit_rotation_extra_labels_enter_the_loss() -> None:
+    # Identities nest in 4 groups; the extra term is the groups. With it the fit must move and stay
+    # orthogonal, the report must rank the groups (float unchanged by R), and an extra label that
+    # no image carries (-1 everywhere) must leave the fit exactly as without it. (Whether the term
+    # helps is a question for real data: docs/results.md, recipe v13.)
+    rng = np.random.default_rng(1)
+    dim, classes, per = 16, 24, 3
+    groups = np.repeat(np.arange(4), classes // 4)
+    centers = 2.0 * rng.standard_normal((4, dim))[groups] + rng.standard_normal((classes, dim))
+    x = 5.0 * np.ones(dim) / np.sqrt(dim) + np.repeat(centers, per, axis=0)[:, None, :] \
+        + 0.5 * rng.standard_normal((classes * per, 5, dim))
+    emb = torch.tensor(x / np.linalg.norm(x, axis=-1, keepdims=True), dtype=torch.float32)
+    labels = torch.arange(classes).repeat_interleave(per)
+    group = torch.from_numpy(groups).repeat_interleave(per)
+    cfg = CodeRotationConfig(steps=60, lr=0.01, beta=20.0)
+    alone = fit_rotation(emb, labels, cfg, seed=0)
+    both = fit_rotation(emb, labels, cfg, seed=0, extra=[(group, 1.0)])
+    assert not torch.allclose(alone, both)
+    assert torch.allclose(both @ both.T, torch.eye(dim), atol=1e-4)
+    none = torch.full_like(labels, -1)
+    assert torch.equal(alone, fit_rotation(emb, labels, cfg, seed=0, extra=[(none, 1.0)]))
+    before = _p_at_1(emb, labels, None, {"group": group})
+    after = _p_at_1(emb, labels, both, {"group": group})
+    assert after["group_avg_p@20_float"] == before["group_avg_p@20_float"] > 50.0
+    assert after["group_avg_p@20_binary"] != before["group_avg_p@20_binary"]
+
+
 def test_fit_rotation_needs_classes_with_two_images() -> None:
     emb = torch.nn.functional.normalize(torch.randn(6, 3, 8), dim=-1)
     with pytest.raises(ConfigError, match="two or more images"):
@@ -85,6 +113,19 @@ def test_views_are_seeded_and_distinct(synth_dir: Path) -> None:
     assert a.shape == (3, 3, 32, 32) and torch.equal(a, b)
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])
     assert not torch.equal(ViewsDataset(records, PreprocessSpec(input_size=32), seed=6)[1][1], a[1])
+
+
+def test_more_draws_add_views_and_keep_the_first(synth_dir: Path) -> None:
+    from uembed.preprocess import PreprocessSpec
+
+    records = read_manifest(synth_dir / "train.jsonl")[:3]
+    spec = PreprocessSpec(input_size=32)
+    one, three = ViewsDataset(records, spec, seed=5)[2], ViewsDataset(records, spec, seed=5, draws=3)[2]
+    assert three.shape == (7, 3, 32, 32) and len(view_names(3)) == 7
+    assert torch.equal(three[:3], one)  # the first draw does not depend on how many follow
+    assert not torch.equal(three[1], three[3]) and not torch.equal(three[2], three[4])
+    with pytest.raises(ValueError, match="draws"):
+        ViewsDataset(records, spec, seed=5, draws=0)
 
 
 def test_rotate_run_rotates_the_checkpoint_once(tiny_checkpoint: Path, tiny_config: dict, tmp_path: Path) -> None:
@@ -109,6 +150,29 @@ def test_rotate_run_rotates_the_checkpoint_once(tiny_checkpoint: Path, tiny_conf
     assert record["report"]["before"]["clean_float"] == record["report"]["after"]["clean_float"]
     with pytest.raises(CheckpointError, match="already holds a code rotation"):
         rotate_run(run, cfg)
+
+
+def test_rotate_run_with_draws_and_an_extra_label(tiny_checkpoint: Path, tiny_config: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run)
+    cfg = build_config(tiny_config, "code_rotation.steps=5", "code_rotation.draws=2",
+                       "code_rotation.extra_labels.category=0.5", "code_rotation.holdout=0.25")
+    record = rotate_run(run, cfg)
+    assert record["settings"]["draws"] == 2 and record["settings"]["extra_labels"] == {"category": 0.5}
+    assert record["views"] == ["clean", "camera", "scene", "camera_2", "scene_2"]
+    for when in ("before", "after"):
+        assert 0.0 <= record["report"][when]["category_avg_p@20_binary"] <= 100.0
+    assert record["report"]["before"]["category_avg_p@20_float"] == record["report"]["after"]["category_avg_p@20_float"]
+    assert load_model(run)[1].code_rotation.extra_labels == {"category": 0.5}
+
+
+def test_rotate_run_refuses_a_multi_valued_extra_label(tiny_checkpoint: Path, tiny_config: dict,
+                                                       tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run)
+    with pytest.raises(ConfigError, match="several values per image"):
+        rotate_run(run, build_config(tiny_config, "code_rotation.steps=2", "code_rotation.extra_labels.attributes=1"))
+    assert rotation_record(resolve_checkpoint(run)) is None
 
 
 def test_rotate_run_refuses_an_older_checkpoint(tiny_checkpoint: Path, tiny_config: dict, tmp_path: Path) -> None:
@@ -139,6 +203,9 @@ def test_embed_views_shape(tiny_checkpoint: Path, synth_dir: Path) -> None:
     ("code_rotation.steps=-1", "steps must be >= 0"),
     ("code_rotation.beta=0", "lr, beta and temperature > 0"),
     ("code_rotation.holdout=1.0", "holdout in"),
+    ("code_rotation.draws=0", "draws >= 1"),
+    ("code_rotation.extra_labels.subcategory=0", "weights must be numbers > 0"),
+    ("code_rotation.extra_labels.subcategory=yes", "weights must be numbers > 0"),
 ])
 def test_config_rejects_bad_settings(tiny_config: dict, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
