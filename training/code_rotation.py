@@ -263,7 +263,9 @@ def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.dev
     if len(records) < 2:
         raise ConfigError(f"code_rotation: {manifest} has fewer than two images with a {key!r} label")
     labels = _label_ids(records, key, manifest)
-    extra = {k: _label_ids(records, k, manifest, missing_ok=True) for k in cr.extra_labels if k != key}
+    if key in cr.extra_labels:
+        raise ConfigError(f"code_rotation.extra_labels: {key!r} is already the label that makes a match")
+    extra = {k: _label_ids(records, k, manifest, missing_ok=True) for k in cr.extra_labels}
     emb = embed_views(model, ViewsDataset(records, ckpt_cfg.preprocess_spec, cfg.seed, cr.draws),
                       num_workers=cfg.data.num_workers, worker_start=cfg.data.worker_start, device=device)
     embed_s = time.perf_counter() - t0

@@ -166,12 +166,14 @@ def test_rotate_run_with_draws_and_an_extra_label(tiny_checkpoint: Path, tiny_co
     assert load_model(run)[1].code_rotation.extra_labels == {"category": 0.5}
 
 
-def test_rotate_run_refuses_a_multi_valued_extra_label(tiny_checkpoint: Path, tiny_config: dict,
+def test_rotate_run_refuses_a_multi_valued_or_repeated_extra_label(tiny_checkpoint: Path, tiny_config: dict,
                                                        tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_checkpoint, run)
     with pytest.raises(ConfigError, match="several values per image"):
         rotate_run(run, build_config(tiny_config, "code_rotation.steps=2", "code_rotation.extra_labels.attributes=1"))
+    with pytest.raises(ConfigError, match="already the label"):
+        rotate_run(run, build_config(tiny_config, "code_rotation.steps=2", "code_rotation.extra_labels.identity=1"))
     assert rotation_record(resolve_checkpoint(run)) is None
 
 
