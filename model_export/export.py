@@ -189,7 +189,7 @@ def _rotation_provenance(ckpt: Path) -> dict[str, Any] | None:
     record = rotation_record(ckpt)
     if record is None:
         return None
-    keep = ("settings", "manifest", "label_key", "images", "fit_images", "report")
+    keep = ("settings", "manifest", "label_key", "views", "images", "fit_images", "report")
     return {k: record[k] for k in keep if k in record}
 
 

@@ -113,8 +113,8 @@ def embed_views(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 3
     return torch.cat(out)
 
 
-def _p_at_1(emb: torch.Tensor, labels: torch.Tensor, rotation: torch.Tensor | None,
-            extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+def _retrieval_report(emb: torch.Tensor, labels: torch.Tensor, rotation: torch.Tensor | None,
+                      extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """P@1 (%) of the first three views against the clean images of the same set (the query's own
     image left out), float and with the sign bits of e R, ranked by training/evaluate.py's
     retrieval_metrics; and for each `extra` label (-1 = none), clean against clean, Avg P@20."""
@@ -283,8 +283,8 @@ def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.dev
     report = {
         "measured_on": "held-out classes" if cr.holdout else "the fit set (in-sample)",
         "images": int(measured.sum()),
-        "before": _p_at_1(emb[measured], labels[measured], None, shown),
-        "after": _p_at_1(emb[measured], labels[measured], rotation, shown),
+        "before": _retrieval_report(emb[measured], labels[measured], None, shown),
+        "after": _retrieval_report(emb[measured], labels[measured], rotation, shown),
     }
     orth = float((rotation @ rotation.T - torch.eye(rotation.shape[0])).abs().max())
 

@@ -15,7 +15,7 @@ from training.checkpoint import CheckpointError, load_model, load_proxies, resol
 from training.code_rotation import (
     RECORD_FILE,
     ViewsDataset,
-    _p_at_1,
+    _retrieval_report,
     embed_views,
     fit_rotation,
     rotate_run,
@@ -63,7 +63,7 @@ def test_fit_rotation_is_orthogonal_and_frees_the_bits_of_a_shared_direction() -
     cfg = CodeRotationConfig(steps=150, lr=0.01, beta=20.0)
     rotation = fit_rotation(emb, labels, cfg, seed=0)
     assert torch.allclose(rotation @ rotation.T, torch.eye(dim), atol=1e-4)
-    before, after = _p_at_1(emb, labels, None), _p_at_1(emb, labels, rotation)
+    before, after = _retrieval_report(emb, labels, None), _retrieval_report(emb, labels, rotation)
     assert after["clean_float"] == before["clean_float"]  # float ranks do not move
     assert before["camera_binary"] < 40.0
     for view in ("clean", "camera", "scene"):
@@ -92,8 +92,8 @@ def test_fit_rotation_extra_labels_enter_the_loss() -> None:
     assert torch.allclose(both @ both.T, torch.eye(dim), atol=1e-4)
     none = torch.full_like(labels, -1)
     assert torch.equal(alone, fit_rotation(emb, labels, cfg, seed=0, extra=[(none, 1.0)]))
-    before = _p_at_1(emb, labels, None, {"group": group})
-    after = _p_at_1(emb, labels, both, {"group": group})
+    before = _retrieval_report(emb, labels, None, {"group": group})
+    after = _retrieval_report(emb, labels, both, {"group": group})
     assert after["group_avg_p@20_float"] == before["group_avg_p@20_float"] > 50.0
     assert after["group_avg_p@20_binary"] != before["group_avg_p@20_binary"]
 
@@ -236,4 +236,5 @@ def test_training_ends_with_the_rotation_and_export_records_it(tiny_config: dict
                                  ExportOptions(formats=["onnx"], onnx_simplify="off"), log=lambda _: None)
     recorded = manifest.data["model"]["code_rotation"]
     assert recorded["settings"]["steps"] == 5 and recorded["label_key"] == "identity"
+    assert recorded["views"] == ["clean", "camera", "scene"]
     assert manifest.parity["onnx"]["bits_agree"] == 1.0
