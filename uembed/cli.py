@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--holdout", type=float, default=0.2, help="fraction of identities held out of training")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--skin-tones", action="store_true", help="skin-tone variants as identities of their own")
-    e.add_argument("--scenes", type=int, default=400, help="scene-crop queries to render")
+    e.add_argument("--scenes", type=int, default=2000,
+                   help="scene-crop queries to render (the first N of a larger number are the same)")
     e.add_argument("--extra-artists", default="",
                    help="comma-separated training-only drawings from older pinned releases (google-2017, "
                         "facebook-2017, messenger, emojione), written to train_extra.jsonl (never in the held-out "

@@ -92,6 +92,19 @@ def test_skin_tones_as_identities_and_determinism(cache: Path, tmp_path: Path) -
     assert (tmp_path / "a/eval/camera/00000.jpg").read_bytes() == (tmp_path / "b/eval/camera/00000.jpg").read_bytes()
 
 
+def test_more_scenes_extend_the_smaller_set(cache: Path, tmp_path: Path) -> None:
+    # The scene set grew from 400 to 2,000 queries; its first 400 must stay the earlier set, so
+    # results on them stay comparable with every run measured before.
+    small = build_emoji_dataset(EmojiOptions(out=tmp_path / "s", cache=cache, artists=ARTISTS, scenes=3))
+    large = build_emoji_dataset(EmojiOptions(out=tmp_path / "l", cache=cache, artists=ARTISTS, scenes=7))
+    q_small, q_large = read_manifest(small["scene_query"]), read_manifest(large["scene_query"])
+    assert len(q_small) == 3 and len(q_large) == 7
+    assert [r.labels for r in q_large[:3]] == [r.labels for r in q_small]
+    assert all(a.image.read_bytes() == b.image.read_bytes() for a, b in zip(q_small, q_large[:3], strict=True))
+    assert small["scene_gallery"].read_text() == large["scene_gallery"].read_text()
+    assert EmojiOptions(out=tmp_path, cache=cache).scenes == 2000
+
+
 def test_missing_npm_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EmojiDataError, match="npm is not installed"):
         build_emoji_dataset(EmojiOptions(out=tmp_path / "o", cache=tmp_path / "empty", artists=ARTISTS,
