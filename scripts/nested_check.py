@@ -3,8 +3,8 @@ that the model never trained on, measured without touching the eval sets.
 
 The eval sets are the only identities the shipped model never saw, so settings chosen on them would be
 fitted to them, and settings chosen on held-out *training* identities are judged where the trunk's
-margins are wide. This trains a proxy model without a fifth of the training identities and measures
-there, with the eval sets' own generators (training/data/emoji.py):
+margins are wide. So a proxy model is trained (by `uembed train`) without a fifth of the training
+identities, and measured there with the eval sets' own generators (training/data/emoji.py):
 
     python scripts/nested_check.py split --config configs/default.yaml --out runs/nested
     uembed train --config runs/nested/config.yaml --out runs/nested/proxy
@@ -12,12 +12,13 @@ there, with the eval sets' own generators (training/data/emoji.py):
         --val runs/nested/val.jsonl --work runs/nested/sets
 
 `split` writes the training manifest without a seeded fifth of its identities (`train.jsonl`), that
-fifth (`val.jsonl`), both with image paths resolved, and the config with those manifests and no code
-rotation (`config.yaml`). `check` builds browse and camera sets on the validation identities (`--rounds`
-times, each with the query artists in a new seeded order, pooled), a scene set of `--scenes` crops,
-embeds them and the proxy's training images' views with the proxy, fits the code rotation of
-`--config` on those views (training/code_rotation.py, the same function `uembed train` runs) and
-prints binary-minus-float P@1 (95% interval of the paired difference) per kind, before and after the
+fifth (`val.jsonl`), both with image paths resolved, and the config with those manifests, no code
+rotation and no eval sets (`config.yaml`: the proxy is never measured on the eval identities).
+`check` builds browse and camera sets on the validation identities (`--rounds` times, each with
+the query artists in a new seeded order, pooled) and a scene set of `--scenes` crops; embeds them
+and the proxy's training images' views with the proxy; fits the code rotation of `--config` on
+those views (training/code_rotation.py, the same function `uembed train` runs); and prints
+binary-minus-float P@1 (95% interval of the paired difference) per kind, before and after the
 rotation, as JSON lines. The proxy trains on 80% of the data, so its figures estimate the shipped
 model's, they are not its figures.
 """
@@ -62,6 +63,7 @@ def split(args: argparse.Namespace) -> None:
     for task in cfg.tasks:
         task.manifest = [str(out / "train.jsonl") if m == manifest else m for m in task.manifest]
     cfg.code_rotation.steps = 0
+    cfg.eval = []
     save_config(cfg, out / "config.yaml")
     print(json.dumps({"manifest": manifest, "label_key": key, "values": len(values), "held_out": len(held),
                       "train_images": len(train), "val_images": len(val), "config": str(out / "config.yaml")}))

@@ -41,6 +41,7 @@ def test_split_then_check(tiny_config: dict, tiny_checkpoint: Path, tmp_path: Pa
     assert all(r.image.is_file() for r in train + val)
     proxy = load_config(out / "config.yaml")
     assert proxy.data.datasets[0].manifest == str(out / "train.jsonl") and proxy.code_rotation.steps == 0
+    assert proxy.eval == []  # the proxy is never measured on the real eval identities
     assert str(out / "train.jsonl") in proxy.tasks[0].manifest
 
     # The check itself (here on a model that saw every identity: the plumbing, not the estimate).
