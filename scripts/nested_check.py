@@ -42,7 +42,7 @@ from training.code_rotation import ViewsDataset, _class_labels, _label_ids, embe
 from training.config import load_config, save_config
 from training.data import emoji
 from training.data.manifest import Record, read_manifest, write_manifest
-from training.evaluate import embed_records, paired_loss, retrieval_metrics
+from training.evaluate import embed_records, evaluate_embeddings, paired_loss
 
 
 def split(args: argparse.Namespace) -> None:
@@ -102,13 +102,13 @@ def _report(embedded: dict[str, dict], rotation: torch.Tensor | None) -> dict[st
         q, g = s["q"], s["g"]
         if rotation is not None:
             q, g = q @ rotation.numpy(), g @ rotation.numpy()
-        flt = retrieval_metrics(q, s["ql"], g, s["gl"])
-        bits = retrieval_metrics(q > 0, s["ql"], g > 0, s["gl"], metric="hamming")
+        res = evaluate_embeddings(q, s["ql"], g, s["gl"])  # what `uembed evaluate` runs on each set
+        flt, bits = res["float"]["per_query"], res["binary"]["per_query"]
         p = pooled.setdefault(name.rstrip("0123456789"), {"f": [], "b": [], "f20": [], "b20": []})
-        p["f"].append(flt.per_query["p@1"])
-        p["b"].append(bits.per_query["p@1"])
-        p["f20"].append(flt.per_query["avg_p@20"])
-        p["b20"].append(bits.per_query["avg_p@20"])
+        p["f"].append(np.asarray(flt["p@1"], dtype=bool))
+        p["b"].append(np.asarray(bits["p@1"], dtype=bool))
+        p["f20"].append(np.asarray(flt["avg_p@20"]))
+        p["b20"].append(np.asarray(bits["avg_p@20"]))
     out = {}
     for kind, p in pooled.items():
         f, b = np.concatenate(p["f"]), np.concatenate(p["b"])
