@@ -3,7 +3,8 @@
 All variants run at once (each on its own 127.0.0.1 port, idle while the others are measured); the
 load generator visits them in turn for BLOCKS short blocks each, so a slow minute of the machine
 hits every variant alike. Prints each variant's images/s per block, the median, and the median of
-the per-block ratio to the first variant.
+the per-block ratio to the first variant with a 95% bootstrap interval (blocks resampled, seeded)
+and the number of blocks in which the variant was ahead: a ratio whose interval holds 1 is level.
 
 A variant is `naive` (naive_server.py) or `uembed` followed by comma-separated `uembed serve`
 arguments, e.g. `uembed,--no-solo-spin-only-in-run`.
@@ -40,6 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--model", default=str(ROOT / "models" / "default"))
+    ap.add_argument("--images", help="folder of .jpg files (default: generated photos of mixed sizes, as run.py)")
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=2.0, help="length of one block")
@@ -47,8 +49,9 @@ def main() -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        images = Path(tmp)
-        make_images(images)
+        images = Path(args.images) if args.images else Path(tmp)
+        if not args.images:
+            make_images(images)
         ports = [free_port() for _ in args.variants]
         procs = [subprocess.Popen(command(v, args.model, p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for v, p in zip(args.variants, ports, strict=True)]
@@ -68,9 +71,21 @@ def main() -> int:
     base = np.asarray(runs[args.variants[0]])
     print(f"concurrency {args.concurrency}, {args.blocks} blocks of {args.seconds:g} s (images/s)")
     for v, r in runs.items():
-        ratio = np.median(np.asarray(r) / base)
-        print(f"- {v}: median {np.median(r):.1f}, ratio to {args.variants[0]} {ratio:.3f}; blocks {r}")
+        ratio, low, high, ahead = ratio_summary(np.asarray(r), base)
+        print(f"- {v}: median {np.median(r):.1f}, ratio to {args.variants[0]} {ratio:.3f} (95% {low:.3f} to "
+              f"{high:.3f}), ahead in {ahead} of {len(r)} blocks; blocks {r}")
     return 0
+
+
+def ratio_summary(values: np.ndarray, base: np.ndarray, resamples: int = 4000,
+                  seed: int = 0) -> tuple[float, float, float, int]:
+    """Median of the per-block ratio values/base, its 95% percentile-bootstrap interval (whole blocks
+    resampled, so each ratio keeps its pair), and in how many blocks values was ahead."""
+    ratios = values / base
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, size=(resamples, ratios.size)), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(np.median(ratios)), float(low), float(high), int((ratios > 1).sum())
 
 
 if __name__ == "__main__":
