@@ -249,6 +249,27 @@ def test_every_answer_carries_a_request_id(tiny_artifact: Path, caplog: pytest.L
         assert any(theirs in rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR")
 
 
+def test_embed_answered_outside_the_router_keeps_the_apps_error_answers(tiny_artifact: Path) -> None:
+    """POST /embed runs in RequestMiddleware, not through FastAPI's router (service/app.py): a bug in it
+    still gets the app's JSON 500 with the client's request id, counted, and GET still gets 405."""
+    app = echo_app(tiny_artifact, EchoBackend(32))
+    with ServerThread(app) as server, httpx.Client() as c:
+        r = c.get(f"{server.url}/embed")
+        assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+        assert c.post(f"{server.url}/embed", content=solid(9)).status_code == 200
+
+        def broken(data: bytes) -> np.ndarray:  # a bug: an error no handler foresaw
+            raise RuntimeError("kaboom")
+
+        app.state.uembed.decode_one = broken
+        r = c.post(f"{server.url}/embed", content=solid(9), headers={"x-request-id": "lane-1"})
+        assert r.status_code == 500 and r.json() == {"error": "internal", "detail": "RuntimeError: kaboom"}
+        assert r.headers["x-request-id"] == "lane-1"
+        # On a new connection (uvicorn closes one after an unhandled error): counted once, still serving.
+        assert metric(server.url, 'uembed_failures_total{reason="internal"}') == 1
+        assert metric(server.url, 'uembed_requests_total{status="500"}') == 1
+
+
 def test_echo_order_across_batches_and_concurrency(tiny_artifact: Path) -> None:
     backend = EchoBackend(32, delay_s=0.01)
     levels = list(range(20, 240, 13))
