@@ -42,7 +42,7 @@ def failure_reason(status: int, code: str) -> str:
 
 
 def api_error_response(state: ServiceState, request: Request, err: ApiError) -> Response:
-    """The JSON answer to an ApiError, counted by reason (the app's handler and the /embed lane)."""
+    """The JSON answer to an ApiError, counted by reason (the app's handler; RequestMiddleware for /embed)."""
     state.metrics.failures.labels(failure_reason(err.status, err.code)).inc()
     if err.status == 500:  # the model failed: one line per request, with the id its client sees
         log.error("request %s failed: %s", getattr(request.state, "request_id", None), err.detail,
@@ -77,7 +77,7 @@ class RequestMiddleware:
     POST /embed is answered here, by the route's own function (`service.api.embed`), instead of
     through the layers below: FastAPI's exception, exit-stack and body-limit middlewares, its
     router, the included router and the dependency resolution run on the event loop for every
-    request and cost the service a few per cent at concurrency 1 (docs/service.md). Its ApiErrors
+    request; skipping them gained 1 to 3% at concurrency 1 (docs/service.md). Its ApiErrors
     get the app handler's answer (`api_error_response`); anything else propagates to Starlette's
     ServerErrorMiddleware, the app's 500 handler, as it does from the route. The route stays
     registered: it is what the OpenAPI schema documents, and any other path or method goes there."""
