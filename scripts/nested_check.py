@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.checkpoint import load_model, resolve_checkpoint
-from training.code_rotation import ViewsDataset, _class_labels, _label_ids, embed_views, fit_rotation
+from training.code_rotation import ViewsDataset, _class_labels, embed_views, fit_rotation, rotation_labels
 from training.config import load_config, save_config
 from training.data import emoji
 from training.data.manifest import Record, read_manifest, write_manifest
@@ -126,7 +126,7 @@ def check(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     spec = proxy_cfg.preprocess_spec
     cr = cfg.code_rotation
-    manifest, key = _class_labels(proxy_cfg)
+    _, key = _class_labels(proxy_cfg)
     sets = _sets(read_manifest(args.val), key, Path(args.work), args.rounds, args.scenes, args.seed)
     embedded = {}
     for name, paths in sets.items():
@@ -136,12 +136,13 @@ def check(args: argparse.Namespace) -> None:
         embedded[name] = {"q": embed_records(model, q, spec, num_workers=args.workers),
                           "g": embed_records(model, g, spec, num_workers=args.workers),
                           "ql": [str(r.labels[label]) for r in q], "gl": [str(r.labels[label]) for r in g]}
-    records = [r for r in read_manifest(manifest) if r.labels.get(key) is not None]
+    # The proxy's training images (its config points at split's train.jsonl), labelled as `uembed train`
+    # does, with the extra labels of the settings being checked.
+    records, labels, extra = rotation_labels(proxy_cfg, cr.extra_labels)
     views = embed_views(model, ViewsDataset(records, spec, cfg.seed, cr.draws), num_workers=args.workers)
     embed_s = time.perf_counter() - t0
-    labels = _label_ids(records, key, manifest)
-    extra = [(_label_ids(records, k, manifest, missing_ok=True), float(w)) for k, w in cr.extra_labels.items()]
-    rotation = fit_rotation(views, labels, cr, seed=cfg.seed, extra=extra)
+    rotation = fit_rotation(views, labels, cr, seed=cfg.seed,
+                            extra=[(v, float(cr.extra_labels[k])) for k, v in extra.items()])
     print(json.dumps({"rotation": "none", **_report(embedded, None)}))
     print(json.dumps({"rotation": {"config": args.config, "settings": asdict(cr)},
                       **_report(embedded, rotation),

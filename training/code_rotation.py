@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -219,6 +219,23 @@ def _class_labels(cfg: TrainConfig) -> tuple[str, str]:
     return manifest, key
 
 
+def rotation_labels(cfg: TrainConfig, extra_labels: Iterable[str] | None = None
+                    ) -> tuple[list[Record], torch.Tensor, dict[str, torch.Tensor]]:
+    """What the rotation is fitted on, from `cfg.code_rotation`: the images of its manifest that carry the
+    match label, their label ids, and the ids of each extra label (default: the config's; -1 where an
+    image has none)."""
+    extra_labels = list(cfg.code_rotation.extra_labels if extra_labels is None else extra_labels)
+    manifest, key = _class_labels(cfg)
+    records = [r for r in read_manifest(manifest) if r.labels.get(key) is not None]
+    if len(records) < 2:
+        raise ConfigError(f"code_rotation: {manifest} has fewer than two images with a {key!r} label")
+    labels = _label_ids(records, key, manifest)
+    if key in extra_labels:
+        raise ConfigError(f"code_rotation.extra_labels: {key!r} is already the label that makes a match")
+    extra = {k: _label_ids(records, k, manifest, missing_ok=True) for k in extra_labels}
+    return records, labels, extra
+
+
 def _label_ids(records: Sequence[Record], key: str, manifest: str, missing_ok: bool = False) -> torch.Tensor:
     """Integer ids of one single-valued label (-1 where an image has none and `missing_ok`)."""
     values = [r.labels.get(key) for r in records]
@@ -259,13 +276,7 @@ def rotate_run(run_dir: str | Path, cfg: TrainConfig, *, device: str | torch.dev
     if ckpt_cfg.model.saturation:
         raise ConfigError("code_rotation needs model.saturation 0: tanh does not commute with a rotation")
     manifest, key = _class_labels(cfg)
-    records = [r for r in read_manifest(manifest) if r.labels.get(key) is not None]
-    if len(records) < 2:
-        raise ConfigError(f"code_rotation: {manifest} has fewer than two images with a {key!r} label")
-    labels = _label_ids(records, key, manifest)
-    if key in cr.extra_labels:
-        raise ConfigError(f"code_rotation.extra_labels: {key!r} is already the label that makes a match")
-    extra = {k: _label_ids(records, k, manifest, missing_ok=True) for k in cr.extra_labels}
+    records, labels, extra = rotation_labels(cfg)
     emb = embed_views(model, ViewsDataset(records, ckpt_cfg.preprocess_spec, cfg.seed, cr.draws),
                       num_workers=cfg.data.num_workers, worker_start=cfg.data.worker_start, device=device)
     embed_s = time.perf_counter() - t0
