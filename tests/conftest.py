@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -17,6 +19,17 @@ from training.data.synthetic import generate_synthetic
 # the GIL while a data loader forks its workers left a worker waiting for the GIL forever (CI hangs in
 # test_resume_continues_bit_for_bit with the monitor thread alive in the pytest process).
 tqdm.tqdm.monitor_interval = 0
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str, name: str) -> ModuleType:
+    """A script of the repository that is not in a package (scripts/, bench/) imported as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,12 @@ Hamming shortlist re-ranked by float spans Hamming (K = 1) to float (K = gallery
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
+from tests.conftest import load_script
 from training.evaluate import retrieval_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bits_sweep", ROOT / "scripts" / "bits_sweep.py")
-assert _spec is not None and _spec.loader is not None
-bits_sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bits_sweep)
+bits_sweep = load_script("scripts/bits_sweep.py", "bits_sweep")
 
 
 def test_served_bits_come_first_and_rotations_are_seeded() -> None:

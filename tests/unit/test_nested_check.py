@@ -3,22 +3,17 @@ config, and the check measures float and binary on them before and after the cod
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_config
+from tests.conftest import build_config, load_script
 from training.config import load_config, save_config
 from training.data.manifest import read_manifest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("nested_check", ROOT / "scripts" / "nested_check.py")
-assert _spec is not None and _spec.loader is not None
-nested_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(nested_check)
+nested_check = load_script("scripts/nested_check.py", "nested_check")
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *argv: str) -> list[dict]:

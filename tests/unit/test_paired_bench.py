@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-PAIRED = Path(__file__).resolve().parents[2] / "bench" / "serve" / "paired.py"
+from tests.conftest import load_script
 
 
-def _paired():
-    sys.path.insert(0, str(PAIRED.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("paired_bench", PAIRED)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(PAIRED.parent))
+def _paired():  # paired.py puts bench/serve on sys.path itself, for its `run` import
+    return load_script("bench/serve/paired.py", "paired_bench")
 
 
 def test_a_variant_ahead_in_every_block_has_an_interval_above_one() -> None:
