@@ -327,10 +327,14 @@ async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: 
     concurrency 1); an answer to a client that left is dropped by uvicorn."""
     assert state.backend is not None
     backend, dim = state.backend, batcher.embedding_dim
+    alone = not contended and state.alone()
+    # One client connection: nothing else can decode meanwhile, so a decode thread may take part of
+    # this image's decoding (service/decode.py, TopBand).
+    helper = state.decode_pool if alone and state.settings.split_decode_when_alone else None
 
     def work() -> tuple[bytes, float, float]:
         t0 = time.perf_counter()
-        x = state.decode_one(blob)
+        x = state.decode_one(blob, helper)
         t1 = time.perf_counter()
         try:
             out = np.asarray(backend.embed(x[None], contended), dtype=np.float32)
@@ -341,7 +345,7 @@ async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: 
             raise ApiError(500, "inference_failed", f"the backend returned {out.shape}")
         return _answer_body(state, out, output), t1 - t0, t2 - t1
 
-    if not contended and state.alone():
+    if alone and state.settings.quiet_when_alone:
         # One client connection: its requests come strictly one at a time, so the backend may keep
         # its threads awake for the next one at once (--quiet-when-alone).
         backend.note_sequential()

@@ -67,9 +67,17 @@ class Settings(BaseSettings):
         1.0, ge=0, description="onnxruntime on CPU, with solo_spin_only_in_run: after this many seconds without "
         "a contended batch (requests one at a time), lone images run on a session whose threads keep spinning "
         "after the run, so back-to-back requests find them awake (0: never, and no third session in memory)")
+    quiet_idle_priority: bool = Field(
+        True, description="onnxruntime on CPU, Linux: the quiet session's pool threads run at idle priority "
+        "(SCHED_IDLE). They still spin between lone requests, awake for the next run, but any other thread that "
+        "wants their core (a decode thread, the event loop, the client) takes it at once instead of sharing it")
     quiet_when_alone: bool = Field(
         True, description="onnxruntime on CPU: while one client connection is open (its requests come strictly one "
         "at a time), lone images run on the quiet session at once, without waiting quiet_spin_after_s")
+    split_decode_when_alone: bool = Field(
+        True, description="while one client connection is open (nothing else can run), decode a large baseline "
+        "JPEG on two threads: a decode thread takes its first rows and resizes them while the request's own "
+        "thread decodes the rest; the same array to the bit, a lone request's answer sooner")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     cache_dir: str = Field(

@@ -33,9 +33,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def watch_connections(server: uvicorn.Server, app: FastAPI) -> None:
-    """Let the app see how many client connections `server` holds open (--quiet-when-alone)."""
+    """Let the app see how many client connections `server` holds open (--quiet-when-alone,
+    --split-decode-when-alone)."""
     state = app.state.uembed
-    if state.settings.quiet_when_alone:
+    if state.settings.quiet_when_alone or state.settings.split_decode_when_alone:
         state.http_connections = server.server_state.connections
 
 

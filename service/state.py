@@ -77,11 +77,12 @@ class ServiceState:
     def is_ready(self) -> bool:
         return self.ready and not self.draining and self.batcher is not None and self.batcher.alive
 
-    def decode_one(self, data: bytes) -> np.ndarray:
+    def decode_one(self, data: bytes, helper: Executor | None = None) -> np.ndarray:
+        """One image's array; with `helper` (a pool with a thread to spare) a large JPEG may use it."""
         assert self.spec is not None
         t0 = time.perf_counter()
         try:
-            return decode_image(data, self.spec, self.limits)
+            return decode_image(data, self.spec, self.limits, helper)
         except ApiError:
             raise
         except Exception as e:  # a decoder failure we did not foresee is still the image's fault, not a 500

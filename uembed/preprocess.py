@@ -23,6 +23,8 @@ except ImportError:  # a base dependency; without it a HEIC file is simply not a
 ResizePolicy = Literal["center_crop", "stretch", "letterbox"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Image.resize first shrinks by an integer factor (Image.reduce) where the ratio is at least twice this.
+REDUCING_GAP = 3.0
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -100,22 +102,35 @@ class PreprocessSpec:
 
     def resize_image(self, image: Image.Image) -> Image.Image:
         """Geometry only: RGB image in, RGB image of input_size x input_size out."""
+        size = self.scaled_size(*image.size)
+        if size != image.size:
+            image = image.resize(size, self.resample, reducing_gap=REDUCING_GAP)
+        return self.place(image)
+
+    @property
+    def resample(self) -> Image.Resampling:
+        return _RESAMPLE[self.interpolation]
+
+    def scaled_size(self, w: int, h: int) -> tuple[int, int]:
+        """The size `resize_image` scales a w x h image to before it crops or pads it (`place`)."""
         s = self.input_size
-        resample = _RESAMPLE[self.interpolation]
-        w, h = image.size
         if self.resize == "stretch":
-            return image.resize((s, s), resample, reducing_gap=3.0) if (w, h) != (s, s) else image
+            return s, s
         if self.resize == "center_crop":
             scale = s / min(w, h)
-            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-            if (nw, nh) != (w, h):
-                image = image.resize((nw, nh), resample, reducing_gap=3.0)
+            return max(s, round(w * scale)), max(s, round(h * scale))
+        scale = s / max(w, h)
+        return max(1, round(w * scale)), max(1, round(h * scale))
+
+    def place(self, image: Image.Image) -> Image.Image:
+        """A scaled image (`scaled_size`) to input_size x input_size: the centre crop or the letterbox."""
+        s = self.input_size
+        nw, nh = image.size
+        if self.resize == "stretch":
+            return image
+        if self.resize == "center_crop":
             left, top = (nw - s) // 2, (nh - s) // 2
             return image.crop((left, top, left + s, top + s)) if (nw, nh) != (s, s) else image
-        scale = s / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        if (nw, nh) != (w, h):
-            image = image.resize((nw, nh), resample, reducing_gap=3.0)
         canvas = Image.new("RGB", (s, s), self.alpha_background)
         canvas.paste(image, ((s - nw) // 2, (s - nh) // 2))
         return canvas

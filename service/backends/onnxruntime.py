@@ -10,13 +10,22 @@ mixed load, threads spinning after a run take the cores from the next request's 
 requests have come strictly one at a time for `quiet_spin_after_s` (no contended batch), lone
 images run on a third session whose threads keep spinning after the run: the next request then
 finds them awake instead of waking them (on this 2-core VM about 10% more images/s at
-concurrency 1 with a fast client, bench/serve).
+concurrency 1 with a fast client, bench/serve). That session's pool threads run at idle priority
+(`quiet_idle_priority`, Linux SCHED_IDLE, inherited from the thread that creates the session): they
+spin while nothing else wants their core, and give it up at once to a thread that does, such as the
+decode thread that takes part of a lone JPEG (service/decode.py `TopBand`). At normal priority the
+two shared the core, and the split decode cost a quarter of the images/s at concurrency 1.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,6 +33,8 @@ from model_export.manifest import Manifest
 from model_export.onnx import ort_providers, ort_session
 from service.backends.base import Backend, BackendError
 from service.config import Settings
+
+T = TypeVar("T")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -50,8 +61,11 @@ class OnnxRuntimeBackend(Backend):
         self.quiet_session = self.solo_session
         if (self.solo_session is not self.session and settings.solo_intra_op_spinning
                 and settings.solo_spin_only_in_run and settings.quiet_spin_after_s > 0):
-            self.quiet_session = ort_session(path, providers=providers,
-                                             intra_op_threads=settings.solo_intra_op_threads, allow_spinning=True)
+            def quiet() -> object:
+                return ort_session(path, providers=providers, intra_op_threads=settings.solo_intra_op_threads,
+                                   allow_spinning=True)
+
+            self.quiet_session = idle_priority(quiet) if settings.quiet_idle_priority else quiet()
         self.quiet_after_s = settings.quiet_spin_after_s
         self._last_contended = time.monotonic()  # quiet only after a first quiet period
         self.device = "cuda" if any(p != "CPUExecutionProvider" for p in active) else "cpu"
@@ -84,3 +98,29 @@ class OnnxRuntimeBackend(Backend):
 
     def health(self) -> dict[str, object]:
         return super().health() | {"providers": self.providers}
+
+
+def idle_priority(make: Callable[[], T]) -> T:
+    """`make()`, called on a thread at idle priority (Linux SCHED_IDLE), so that the threads it
+    starts inherit that priority: ONNX Runtime starts a session's intra-op pool threads when the
+    session is created, with the creating thread's scheduling policy. Where the policy does not exist
+    or cannot be set, `make()` as it is."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return make()
+    out: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        with contextlib.suppress(OSError):  # e.g. a seccomp profile that forbids it: normal priority
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        try:
+            out.append(make())
+        except BaseException as e:  # re-raised on the caller's thread
+            error.append(e)
+
+    thread = threading.Thread(target=run, name="uembed-idle-session")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return out[0]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -469,7 +472,8 @@ def test_a_lone_connection_runs_on_one_thread_and_the_quiet_session(tiny_artifac
     sessions: list[object] = []
     with ServerThread(app) as server:
         backend, decode_one, session_for = state.backend, state.decode_one, state.backend.session_for
-        state.decode_one = lambda data: (where.append(threading.current_thread().name), decode_one(data))[1]
+        state.decode_one = lambda data, helper=None: (where.append(threading.current_thread().name),
+                                                      decode_one(data, helper))[1]
         backend.session_for = lambda contended: (sessions.append(s := session_for(contended)), s)[1]
         host, port = server.url.removeprefix("http://").split(":")
         images = [photo(i, size=(90, 70)) for i in range(4)]
@@ -498,6 +502,53 @@ def test_a_lone_connection_runs_on_one_thread_and_the_quiet_session(tiny_artifac
         assert len(set(where)) == 1 and where[0].startswith("uembed-infer"), where
         for a, b in zip(one, two, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+
+@pytest.mark.parametrize("split_on", [True, False], ids=["split-decode-when-alone", "off"])
+def test_a_lone_connection_splits_a_large_jpeg_and_gets_the_same_array(tiny_artifact: Path, split_on: bool,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--split-decode-when-alone through the server: a lone connection's JPEG is decoded on two
+    threads (a decode thread takes its first rows) and the model gets the one-thread array, to the
+    bit; with a second connection open, or the setting off, no split. The tiny model's input is so
+    small that its drafts stay under the split's pixel floor, so the floor is lowered here."""
+    import socket
+
+    from service import decode
+
+    monkeypatch.setattr(decode, "MIN_SPLIT_PIXELS", 1000)
+    grain = np.random.default_rng(3).integers(-25, 26, (480, 640, 3))
+    base = np.asarray(Image.open(io.BytesIO(photo(3, size=(640, 480)))).convert("RGB"), dtype=np.int16)
+    data = encode_image(Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+    app = create_app(settings(tiny_artifact, backend="onnxruntime", split_decode_when_alone=split_on))
+    state = app.state.uembed
+    arrays: list[np.ndarray] = []
+    helpers: list[object] = []
+    bands: list[str] = []
+    with ServerThread(app) as server:
+        decode_one, submit = state.decode_one, state.decode_pool.submit
+
+        def recording_decode(blob: bytes, helper: object = None) -> np.ndarray:
+            helpers.append(helper)
+            arrays.append(decode_one(blob, helper))
+            return arrays[-1]
+
+        state.decode_one = recording_decode
+        state.decode_pool.submit = lambda fn, *a, **k: (bands.append(fn.__name__), submit(fn, *a, **k))[1]
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))):  # a second client: no split
+            wait_until(lambda: len(state.http_connections) == 1, "the idle connection to be accepted")
+            with httpx.Client() as client:
+                first = vectors(client.post(f"{server.url}/embed", content=data))
+        wait_until(lambda: not state.http_connections, "the connections to close")
+        with httpx.Client() as client:
+            alone = vectors(client.post(f"{server.url}/embed", content=data))
+    assert helpers[0] is None and (helpers[1] is not None) == split_on
+    assert bands == (["_top_rows"] if split_on else []), bands
+    want = decode.decode_image(data, state.spec, state.limits)
+    for got in arrays:
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(alone, first, atol=1e-5)
 
 
 def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
@@ -536,3 +587,43 @@ def test_onnxruntime_sessions_contended_solo_and_quiet(tiny_artifact: Path) -> N
     assert np.allclose(outs[0], outs[1], atol=1e-5) and np.allclose(outs[0], outs[2], atol=1e-5)
     off = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_spin_after_s=0))
     assert off.quiet_session is off.solo_session
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+@pytest.mark.parametrize("idle", [True, False], ids=["idle-priority", "off"])
+def test_the_quiet_sessions_threads_run_at_idle_priority(tiny_artifact: Path, idle: bool) -> None:
+    """--quiet-idle-priority: the threads ONNX Runtime starts for the quiet session (and only
+    those) are SCHED_IDLE; the caller's thread keeps its policy, and the session answers the same."""
+    from model_export.manifest import load_manifest
+    from service.backends.onnxruntime import OnnxRuntimeBackend, idle_priority
+
+    def threads() -> set[int]:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+
+    def idle_threads(tids: set[int]) -> set[int]:
+        out = set()
+        for tid in tids:
+            with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+                if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                    out.add(tid)
+        return out
+
+    manifest = load_manifest(tiny_artifact)
+    before = threads()
+    plain = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_spin_after_s=0))  # no quiet session
+    assert not idle_threads(threads() - before)
+    before = threads()
+    backend = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_idle_priority=idle))
+    started = threads() - before
+    assert started, "ONNX Runtime started no threads for the sessions"
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
+    assert bool(idle_threads(started)) == idle
+    if idle:
+        assert idle_threads(started) < started  # the contended and solo sessions' threads are not idle
+    size = manifest.preprocess["input_size"]
+    x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
+    np.testing.assert_allclose(backend.quiet_session.run(None, {backend.input_name: x})[0],
+                               plain.solo_session.run(None, {plain.input_name: x})[0], atol=1e-5)
+    with pytest.raises(ValueError, match="no session"):
+        idle_priority(lambda: (_ for _ in ()).throw(ValueError("no session")))
+    assert idle_priority(lambda: os.sched_getscheduler(0)) == os.SCHED_IDLE

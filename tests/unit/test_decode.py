@@ -78,6 +78,115 @@ def test_large_jpeg_is_drafted_and_close_to_a_full_decode() -> None:
     assert np.abs(drafted - full).mean() < 0.05
 
 
+def _noisy_jpeg(rng: np.random.Generator, w: int, h: int, **save: object) -> bytes:
+    """A photo-like JPEG: smooth colour plus grain, so every block has detail to resize."""
+    small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-20, 21, (h, w, 3), dtype=np.int16)
+    return encode_image(Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)), "JPEG", **save)
+
+
+def test_a_jpeg_decoded_on_two_threads_is_the_same_array() -> None:
+    """TopBand (a helper thread decodes and resizes the first rows) against the one-thread decode,
+    to the bit, over sizes, chroma subsampling, draft scales, restart markers, progressive files
+    (not split), crop/stretch/letterbox and three filters; many of them must really split."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+            self.submitted += 1
+            return super().submit(*args, **kwargs)  # type: ignore[arg-type]
+
+    rng = np.random.default_rng(7)
+    limits = DecodeLimits(1 << 26, 50_000_000)
+    with Counting(1) as helper:
+        for _ in range(40):
+            w, h = (int(v) for v in rng.integers(300, 1800, 2))
+            spec = PreprocessSpec(input_size=int(rng.choice([64, 128, 224])),
+                                  resize=str(rng.choice(["center_crop", "stretch", "letterbox"])),
+                                  interpolation=str(rng.choice(["bilinear", "bicubic", "lanczos"])))
+            save: dict[str, object] = {"quality": int(rng.integers(60, 98)), "subsampling": int(rng.integers(0, 3))}
+            if rng.random() < 0.2:
+                save["restart_marker_rows"] = 1
+            data = _noisy_jpeg(rng, w, h, progressive=bool(rng.random() < 0.15), **save)
+            np.testing.assert_array_equal(decode_image(data, spec, limits, helper), decode_image(data, spec, limits),
+                                          err_msg=f"{w}x{h} {spec} {save}")
+    assert helper.submitted >= 12, helper.submitted
+
+
+def test_split_decode_is_only_used_where_it_is_exact() -> None:
+    """No split for a progressive file, an EXIF rotation, a small image, a PNG, or a shrink that
+    Pillow runs vertical pass first; the band resize rule against Image.resize on random shapes."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.decode import TopBand, horizontal_pass_first
+
+    rng = np.random.default_rng(8)
+    spec = PreprocessSpec(input_size=128)
+    cases = {
+        "baseline": (_noisy_jpeg(rng, 640, 480), True),
+        "EXIF orientation 1": (_noisy_jpeg(rng, 640, 480, exif=_orientation(1)), True),
+        "progressive": (_noisy_jpeg(rng, 640, 480, progressive=True), False),
+        "EXIF rotation": (_noisy_jpeg(rng, 640, 480, exif=_orientation(6)), False),
+        "small": (_noisy_jpeg(rng, 320, 240), False),
+        "PNG": (photo(1, size=(640, 480), fmt="PNG"), False),
+        "tall (vertical pass first)": (_noisy_jpeg(rng, 300, 900), False),
+        "grey": (encode_image(Image.new("L", (640, 480), 90), "JPEG"), False),
+    }
+    with ThreadPoolExecutor(1) as helper:
+        for name, (data, expected) in cases.items():
+            with Image.open(io.BytesIO(data)) as im:
+                band = TopBand.start(im, data, spec, helper)
+                assert (band is not None) == expected, name
+                if band is not None:
+                    band.future.result()
+            np.testing.assert_array_equal(decode_image(data, spec, LIMITS, helper), decode_image(data, spec, LIMITS))
+    checked = 0
+    for _ in range(300):
+        w, h, nw, nh = (int(v) for v in rng.integers(16, 400, 4))
+        if not horizontal_pass_first(w, h, nw, nh):
+            continue
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        r = int(rng.integers(1, h))
+        rows = Image.new("RGB", (nw, h))
+        rows.paste(im.crop((0, 0, w, r)).resize((nw, r), Image.Resampling.BILINEAR), (0, 0))
+        rows.paste(im.crop((0, r, w, h)).resize((nw, h - r), Image.Resampling.BILINEAR), (0, r))
+        want = im.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        assert rows.resize((nw, nh), Image.Resampling.BILINEAR).tobytes() == want.tobytes(), (w, h, nw, nh, r)
+        checked += 1
+    assert checked > 50
+
+
+def test_a_damaged_jpeg_gets_the_same_answer_with_a_helper() -> None:
+    """Cut short (an error) or with zeroed entropy data (libjpeg may decode garbage): whatever the
+    one-thread decode answers, the two-thread one answers the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = _noisy_jpeg(np.random.default_rng(9), 640, 480)
+    spec = PreprocessSpec(input_size=128)
+
+    def outcome(blob: bytes, helper: ThreadPoolExecutor | None) -> object:
+        try:
+            return decode_image(blob, spec, LIMITS, helper).tobytes()
+        except ApiError as e:
+            return e.status, e.code
+
+    with ThreadPoolExecutor(1) as helper:
+        cut = data[: len(data) // 2]
+        assert outcome(cut, None) == (400, "truncated_image")
+        for bad in (cut, data[:2000] + bytes(len(data) // 3) + data[2000 + len(data) // 3:]):
+            assert outcome(bad, helper) == outcome(bad, None)
+
+
+def _orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
 def _damaged_pixels() -> bytes:
     data = bytearray(photo(6, size=(64, 64), fmt="PNG"))
     start = data.index(b"IDAT") + 8
