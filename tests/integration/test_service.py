@@ -261,7 +261,7 @@ def test_embed_answered_outside_the_router_keeps_the_apps_error_answers(tiny_art
         assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
         assert c.post(f"{server.url}/embed", content=solid(9)).status_code == 200
 
-        def broken(data: bytes) -> np.ndarray:  # a bug: an error no handler foresaw
+        def broken(data: bytes, helper: object = None) -> np.ndarray:  # a bug: an error no handler foresaw
             raise RuntimeError("kaboom")
 
         app.state.uembed.decode_one = broken
