@@ -329,8 +329,9 @@ async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: 
     backend, dim = state.backend, batcher.embedding_dim
     alone = not contended and state.alone()
     # One client connection: nothing else can decode meanwhile, so a decode thread may take part of
-    # this image's decoding (service/decode.py, TopBand).
-    helper = state.decode_pool if alone and state.settings.split_decode_when_alone else None
+    # this image's decoding (service/decode.py, TopBand), where no backend thread spins on that core.
+    helper = (state.decode_pool if alone and state.settings.split_decode_when_alone
+              and backend.spare_core_when_alone else None)
 
     def work() -> tuple[bytes, float, float]:
         t0 = time.perf_counter()

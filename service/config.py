@@ -77,7 +77,9 @@ class Settings(BaseSettings):
     split_decode_when_alone: bool = Field(
         True, description="while one client connection is open (nothing else can run), decode a large baseline "
         "JPEG on two threads: a decode thread takes its first rows and resizes them while the request's own "
-        "thread decodes the rest; the same array to the bit, a lone request's answer sooner")
+        "thread decodes the rest; the same array to the bit, a lone request's answer sooner. Only where no "
+        "backend thread spins after a run at normal priority (GPU backends; onnxruntime on CPU with "
+        "quiet_idle_priority, or without the quiet session)")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     cache_dir: str = Field(

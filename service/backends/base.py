@@ -22,6 +22,13 @@ class Backend(ABC):
     max_instances: int = 1
 
     @property
+    def spare_core_when_alone(self) -> bool:
+        """Whether, between the runs of requests that come one at a time, the backend leaves the
+        other CPU cores free, so that a lone request's JPEG may be decoded on two threads
+        (--split-decode-when-alone). GPU backends do; a CPU backend only where it says so."""
+        return self.device != "cpu"
+
+    @property
     def max_batch_size(self) -> int:
         """Largest batch `embed` accepts."""
         return 4096

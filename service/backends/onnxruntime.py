@@ -19,7 +19,6 @@ two shared the core, and the split decode cost a quarter of the images/s at conc
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -58,20 +57,31 @@ class OnnxRuntimeBackend(Backend):
                                             intra_op_threads=settings.solo_intra_op_threads,
                                             allow_spinning=settings.solo_intra_op_spinning,
                                             spin_only_in_run=settings.solo_spin_only_in_run)
-        self.quiet_session = self.solo_session
+        self.quiet_session, quiet_idle = self.solo_session, False
         if (self.solo_session is not self.session and settings.solo_intra_op_spinning
                 and settings.solo_spin_only_in_run and settings.quiet_spin_after_s > 0):
             def quiet() -> object:
                 return ort_session(path, providers=providers, intra_op_threads=settings.solo_intra_op_threads,
                                    allow_spinning=True)
 
-            self.quiet_session = idle_priority(quiet) if settings.quiet_idle_priority else quiet()
+            self.quiet_session, quiet_idle = idle_priority(quiet) if settings.quiet_idle_priority else (quiet(), False)
+        # Threads that spin after a run at normal priority would share the core a lone request's
+        # decode helper needs (the twenty-third stop measured that split at 0.747 of the naive server).
+        spins_after_run = settings.intra_op_spinning or (
+            self.solo_session is not self.session and settings.solo_intra_op_spinning
+            and not settings.solo_spin_only_in_run) or (self.quiet_session is not self.solo_session and not quiet_idle)
         self.quiet_after_s = settings.quiet_spin_after_s
         self._last_contended = time.monotonic()  # quiet only after a first quiet period
         self.device = "cuda" if any(p != "CPUExecutionProvider" for p in active) else "cpu"
         self.precision = "fp16" if active and active[0] == "TensorrtExecutionProvider" else "fp32"
         self.providers = active
         self.input_name = self.session.get_inputs()[0].name
+        self._spare_core = self.device != "cpu" or not spins_after_run
+
+    @property
+    def spare_core_when_alone(self) -> bool:
+        """No thread of ours spins at normal priority after a run (see the module docstring)."""
+        return self._spare_core
 
     def session_for(self, contended: bool) -> object:
         """The contended session, or for a lone batch the solo one, or the quiet one when no batch
@@ -100,19 +110,24 @@ class OnnxRuntimeBackend(Backend):
         return super().health() | {"providers": self.providers}
 
 
-def idle_priority(make: Callable[[], T]) -> T:
+def idle_priority(make: Callable[[], T]) -> tuple[T, bool]:
     """`make()`, called on a thread at idle priority (Linux SCHED_IDLE), so that the threads it
     starts inherit that priority: ONNX Runtime starts a session's intra-op pool threads when the
-    session is created, with the creating thread's scheduling policy. Where the policy does not exist
-    or cannot be set, `make()` as it is."""
+    session is created, with the creating thread's scheduling policy. Returns what `make()` returned
+    and whether the priority was set; where the policy does not exist or cannot be set (a seccomp
+    profile that forbids it), `make()` runs at normal priority."""
     if not hasattr(os, "SCHED_IDLE"):
-        return make()
+        return make(), False
     out: list[T] = []
     error: list[BaseException] = []
+    applied: list[bool] = []
 
     def run() -> None:
-        with contextlib.suppress(OSError):  # e.g. a seccomp profile that forbids it: normal priority
+        try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            applied.append(True)
+        except OSError:
+            pass
         try:
             out.append(make())
         except BaseException as e:  # re-raised on the caller's thread
@@ -123,4 +138,4 @@ def idle_priority(make: Callable[[], T]) -> T:
     thread.join()
     if error:
         raise error[0]
-    return out[0]
+    return out[0], bool(applied)

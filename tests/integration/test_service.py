@@ -505,13 +505,16 @@ def test_a_lone_connection_runs_on_one_thread_and_the_quiet_session(tiny_artifac
 
 
 
-@pytest.mark.parametrize("split_on", [True, False], ids=["split-decode-when-alone", "off"])
+@pytest.mark.parametrize(("split_on", "idle"), [(True, True), (False, True), (True, False)],
+                         ids=["split-decode-when-alone", "off", "threads-spinning-at-normal-priority"])
 def test_a_lone_connection_splits_a_large_jpeg_and_gets_the_same_array(tiny_artifact: Path, split_on: bool,
+                                                                         idle: bool,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """--split-decode-when-alone through the server: a lone connection's JPEG is decoded on two
     threads (a decode thread takes its first rows) and the model gets the one-thread array, to the
-    bit; with a second connection open, or the setting off, no split. The tiny model's input is so
-    small that its drafts stay under the split's pixel floor, so the floor is lowered here."""
+    bit; with a second connection open, the setting off, or the quiet session's threads spinning at
+    normal priority (--no-quiet-idle-priority), no split. The tiny model's input is so small that
+    its drafts stay under the split's pixel floor, so the floor is lowered here."""
     import socket
 
     from service import decode
@@ -520,7 +523,8 @@ def test_a_lone_connection_splits_a_large_jpeg_and_gets_the_same_array(tiny_arti
     grain = np.random.default_rng(3).integers(-25, 26, (480, 640, 3))
     base = np.asarray(Image.open(io.BytesIO(photo(3, size=(640, 480)))).convert("RGB"), dtype=np.int16)
     data = encode_image(Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)), "JPEG", quality=90)
-    app = create_app(settings(tiny_artifact, backend="onnxruntime", split_decode_when_alone=split_on))
+    app = create_app(settings(tiny_artifact, backend="onnxruntime", split_decode_when_alone=split_on,
+                              quiet_idle_priority=idle))
     state = app.state.uembed
     arrays: list[np.ndarray] = []
     helpers: list[object] = []
@@ -543,8 +547,8 @@ def test_a_lone_connection_splits_a_large_jpeg_and_gets_the_same_array(tiny_arti
         wait_until(lambda: not state.http_connections, "the connections to close")
         with httpx.Client() as client:
             alone = vectors(client.post(f"{server.url}/embed", content=data))
-    assert helpers[0] is None and (helpers[1] is not None) == split_on
-    assert bands == (["_top_rows"] if split_on else []), bands
+    assert helpers[0] is None and (helpers[1] is not None) == (split_on and idle)
+    assert bands == (["_top_rows"] if split_on and idle else []), bands
     want = decode.decode_image(data, state.spec, state.limits)
     for got in arrays:
         np.testing.assert_array_equal(got, want)
@@ -618,6 +622,8 @@ def test_the_quiet_sessions_threads_run_at_idle_priority(tiny_artifact: Path, id
     assert started, "ONNX Runtime started no threads for the sessions"
     assert os.sched_getscheduler(0) != os.SCHED_IDLE
     assert bool(idle_threads(started)) == idle
+    # A lone request's decode helper only where no backend thread spins after a run at normal priority.
+    assert backend.spare_core_when_alone == idle and plain.spare_core_when_alone
     if idle:
         assert idle_threads(started) < started  # the contended and solo sessions' threads are not idle
     size = manifest.preprocess["input_size"]
@@ -626,4 +632,4 @@ def test_the_quiet_sessions_threads_run_at_idle_priority(tiny_artifact: Path, id
                                plain.solo_session.run(None, {plain.input_name: x})[0], atol=1e-5)
     with pytest.raises(ValueError, match="no session"):
         idle_priority(lambda: (_ for _ in ()).throw(ValueError("no session")))
-    assert idle_priority(lambda: os.sched_getscheduler(0)) == os.SCHED_IDLE
+    assert idle_priority(lambda: os.sched_getscheduler(0)) == (os.SCHED_IDLE, True)
