@@ -332,13 +332,15 @@ async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: 
     # this image's decoding (service/decode.py, TopBand), where no backend thread spins on that core.
     helper = (state.decode_pool if alone and state.settings.split_decode_when_alone
               and backend.spare_core_when_alone else None)
+    run_alone = alone and state.settings.quiet_when_alone
 
     def work() -> tuple[bytes, float, float]:
         t0 = time.perf_counter()
         x = state.decode_one(blob, helper)
         t1 = time.perf_counter()
         try:
-            out = np.asarray(backend.embed(x[None], contended), dtype=np.float32)
+            out = np.asarray(backend.embed_alone(x[None]) if run_alone else backend.embed(x[None], contended),
+                             dtype=np.float32)
         except Exception as e:
             raise ApiError(500, "inference_failed", f"the model failed on this image: {type(e).__name__}: {e}") from e
         t2 = time.perf_counter()
@@ -346,7 +348,7 @@ async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: 
             raise ApiError(500, "inference_failed", f"the backend returned {out.shape}")
         return _answer_body(state, out, output), t1 - t0, t2 - t1
 
-    if alone and state.settings.quiet_when_alone:
+    if run_alone:
         # One client connection: its requests come strictly one at a time, so the backend may keep
         # its threads awake for the next one at once (--quiet-when-alone).
         backend.note_sequential()

@@ -40,6 +40,11 @@ class Backend(ABC):
         `contended` is False when no other request is decoding, queued or running: a CPU backend may then
         use every core; when True, other work needs CPU while this batch runs."""
 
+    def embed_alone(self, batch: np.ndarray) -> np.ndarray:
+        """`embed` for a request while the server holds one client connection: nothing else can
+        run meanwhile (a CPU backend may keep its threads spinning at idle priority)."""
+        return self.embed(batch, contended=False)
+
     def note_sequential(self) -> None:  # noqa: B027 - an optional hook: a no-op unless a backend uses it
         """Requests are arriving strictly one at a time (one client connection): a CPU backend may
         keep its threads awake between them."""

@@ -10,11 +10,19 @@ mixed load, threads spinning after a run take the cores from the next request's 
 requests have come strictly one at a time for `quiet_spin_after_s` (no contended batch), lone
 images run on a third session whose threads keep spinning after the run: the next request then
 finds them awake instead of waking them (on this 2-core VM about 10% more images/s at
-concurrency 1 with a fast client, bench/serve). That session's pool threads run at idle priority
-(`quiet_idle_priority`, Linux SCHED_IDLE, inherited from the thread that creates the session): they
-spin while nothing else wants their core, and give it up at once to a thread that does, such as the
+concurrency 1 with a fast client, bench/serve).
+
+With `quiet_idle_priority` (off by default), while the server holds one client connection
+(`embed_alone`), lone images run on a fourth session of the same kind whose pool threads run at
+idle priority (Linux SCHED_IDLE, inherited from the thread that creates the session): they spin
+while nothing else wants their core and give it up at once to a thread that does, such as the
 decode thread that takes part of a lone JPEG (service/decode.py `TopBand`). At normal priority the
-two shared the core, and the split decode cost a quarter of the images/s at concurrency 1.
+two shared the core, and the split decode cost a quarter of the images/s at concurrency 1. A thread
+at idle priority also gets almost no CPU while normal threads want its core, and a run waits for
+the work its pool threads have taken. With the quiet session itself at idle priority, a client
+arriving beside a sequential one saw a few requests stall for 0.16 to 0.55 s; with the fourth
+session only while alone, the sequential client's slowest requests took up to 0.14 s against 0.05 s
+without idle priority (docs/service.md, twenty-fourth stop). Hence off by default.
 """
 
 from __future__ import annotations
@@ -57,30 +65,35 @@ class OnnxRuntimeBackend(Backend):
                                             intra_op_threads=settings.solo_intra_op_threads,
                                             allow_spinning=settings.solo_intra_op_spinning,
                                             spin_only_in_run=settings.solo_spin_only_in_run)
-        self.quiet_session, quiet_idle = self.solo_session, False
+        self.quiet_session = self.solo_session
+        self.alone_session: object | None = None
         if (self.solo_session is not self.session and settings.solo_intra_op_spinning
                 and settings.solo_spin_only_in_run and settings.quiet_spin_after_s > 0):
             def quiet() -> object:
                 return ort_session(path, providers=providers, intra_op_threads=settings.solo_intra_op_threads,
                                    allow_spinning=True)
 
-            self.quiet_session, quiet_idle = idle_priority(quiet) if settings.quiet_idle_priority else (quiet(), False)
+            self.quiet_session = quiet()
+            if settings.quiet_idle_priority and settings.quiet_when_alone:
+                alone, idle = idle_priority(quiet)
+                self.alone_session = alone if idle else None
         # Threads that spin after a run at normal priority would share the core a lone request's
         # decode helper needs (the twenty-third stop measured that split at 0.747 of the naive server).
         spins_after_run = settings.intra_op_spinning or (
             self.solo_session is not self.session and settings.solo_intra_op_spinning
-            and not settings.solo_spin_only_in_run) or (self.quiet_session is not self.solo_session and not quiet_idle)
+            and not settings.solo_spin_only_in_run) or self.quiet_session is not self.solo_session
         self.quiet_after_s = settings.quiet_spin_after_s
         self._last_contended = time.monotonic()  # quiet only after a first quiet period
         self.device = "cuda" if any(p != "CPUExecutionProvider" for p in active) else "cpu"
         self.precision = "fp16" if active and active[0] == "TensorrtExecutionProvider" else "fp32"
         self.providers = active
         self.input_name = self.session.get_inputs()[0].name
-        self._spare_core = self.device != "cpu" or not spins_after_run
+        self._spare_core = self.device != "cpu" or self.alone_session is not None or not spins_after_run
 
     @property
     def spare_core_when_alone(self) -> bool:
-        """No thread of ours spins at normal priority after a run (see the module docstring)."""
+        """Lone requests run on the idle-priority session, or no thread of ours spins at normal
+        priority after a run (see the module docstring)."""
         return self._spare_core
 
     def session_for(self, contended: bool) -> object:
@@ -100,9 +113,15 @@ class OnnxRuntimeBackend(Backend):
         session = self.session_for(contended)
         return session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
+    def embed_alone(self, batch: np.ndarray) -> np.ndarray:
+        if self.alone_session is None:
+            return self.embed(batch, contended=False)
+        return self.alone_session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
     def warmup(self, batch: np.ndarray) -> None:
         x = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        for session in {id(s): s for s in (self.session, self.solo_session, self.quiet_session)}.values():
+        sessions = (self.session, self.solo_session, self.quiet_session, self.alone_session)
+        for session in {id(s): s for s in sessions if s is not None}.values():
             session.run(None, x)
             session.run(None, x)
 
@@ -139,3 +158,4 @@ def idle_priority(make: Callable[[], T]) -> tuple[T, bool]:
     if error:
         raise error[0]
     return out[0], bool(applied)
+

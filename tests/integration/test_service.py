@@ -595,9 +595,10 @@ def test_onnxruntime_sessions_contended_solo_and_quiet(tiny_artifact: Path) -> N
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 @pytest.mark.parametrize("idle", [True, False], ids=["idle-priority", "off"])
-def test_the_quiet_sessions_threads_run_at_idle_priority(tiny_artifact: Path, idle: bool) -> None:
-    """--quiet-idle-priority: the threads ONNX Runtime starts for the quiet session (and only
-    those) are SCHED_IDLE; the caller's thread keeps its policy, and the session answers the same."""
+def test_the_alone_sessions_threads_run_at_idle_priority(tiny_artifact: Path, idle: bool) -> None:
+    """--quiet-idle-priority: a fourth session for requests while one client connection is open,
+    whose ONNX Runtime threads (and only those) are SCHED_IDLE; the caller's thread keeps its policy,
+    and the session answers the same. Without the setting there is no such session."""
     from model_export.manifest import load_manifest
     from service.backends.onnxruntime import OnnxRuntimeBackend, idle_priority
 
@@ -615,21 +616,22 @@ def test_the_quiet_sessions_threads_run_at_idle_priority(tiny_artifact: Path, id
     manifest = load_manifest(tiny_artifact)
     before = threads()
     plain = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_spin_after_s=0))  # no quiet session
-    assert not idle_threads(threads() - before)
+    assert not idle_threads(threads() - before) and plain.alone_session is None
     before = threads()
     backend = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_idle_priority=idle))
     started = threads() - before
     assert started, "ONNX Runtime started no threads for the sessions"
     assert os.sched_getscheduler(0) != os.SCHED_IDLE
-    assert bool(idle_threads(started)) == idle
+    assert bool(idle_threads(started)) == idle and (backend.alone_session is not None) == idle
     # A lone request's decode helper only where no backend thread spins after a run at normal priority.
     assert backend.spare_core_when_alone == idle and plain.spare_core_when_alone
     if idle:
-        assert idle_threads(started) < started  # the contended and solo sessions' threads are not idle
+        assert idle_threads(started) < started  # the other sessions' threads are not idle
     size = manifest.preprocess["input_size"]
     x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
-    np.testing.assert_allclose(backend.quiet_session.run(None, {backend.input_name: x})[0],
-                               plain.solo_session.run(None, {plain.input_name: x})[0], atol=1e-5)
+    want = plain.solo_session.run(None, {plain.input_name: x})[0]
+    np.testing.assert_allclose(backend.embed_alone(x), want, atol=1e-5)
+    np.testing.assert_allclose(backend.embed(x, contended=False), want, atol=1e-5)
     with pytest.raises(ValueError, match="no session"):
         idle_priority(lambda: (_ for _ in ()).throw(ValueError("no session")))
     assert idle_priority(lambda: os.sched_getscheduler(0)) == (os.SCHED_IDLE, True)
