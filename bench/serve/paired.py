@@ -15,8 +15,10 @@ arguments, e.g. `uembed,--no-solo-spin-only-in-run`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import PY, ROOT, free_port, load, make_images, wait_ready  # noqa: E402
+from run import PY, ROOT, free_port, image_dir, load, wait_ready  # noqa: E402
 
 
 def command(variant: str, model: str, port: int) -> list[str]:
@@ -35,6 +37,24 @@ def command(variant: str, model: str, port: int) -> list[str]:
         raise SystemExit(f"unknown variant {variant!r}: naive or uembed[,ARGS]")
     return [PY, "-m", "uembed.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning", *extra]
+
+
+@contextlib.contextmanager
+def running(variants: list[str], model: str) -> Iterator[list[str]]:
+    """Every variant up at once, each on its own 127.0.0.1 port; yields their URLs once all are
+    ready, and stops them after."""
+    ports = [free_port() for _ in variants]
+    procs = [subprocess.Popen(command(v, model, p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for v, p in zip(variants, ports, strict=True)]
+    try:
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for proc, url in zip(procs, urls, strict=True):
+            wait_ready(url, proc)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 def main() -> int:
@@ -48,26 +68,15 @@ def main() -> int:
     args = ap.parse_args()
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        images = Path(args.images) if args.images else Path(tmp)
-        if not args.images:
-            make_images(images)
-        ports = [free_port() for _ in args.variants]
-        procs = [subprocess.Popen(command(v, args.model, p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for v, p in zip(args.variants, ports, strict=True)]
-        try:
-            for proc, port in zip(procs, ports, strict=True):
-                wait_ready(f"http://127.0.0.1:{port}", proc)
-                load(f"http://127.0.0.1:{port}", images, 2, concurrency=args.concurrency)  # warm-up
-            runs: dict[str, list[float]] = {v: [] for v in args.variants}
-            for _ in range(args.blocks):
-                for v, port in zip(args.variants, ports, strict=True):
-                    r = load(f"http://127.0.0.1:{port}", images, args.seconds, concurrency=args.concurrency)
-                    runs[v].append(r["images_per_s"])
-        finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(timeout=60)
+    with tempfile.TemporaryDirectory() as tmp, running(args.variants, args.model) as urls:
+        images = image_dir(args.images, tmp)
+        for url in urls:
+            load(url, images, 2, concurrency=args.concurrency)  # warm-up
+        runs: dict[str, list[float]] = {v: [] for v in args.variants}
+        for _ in range(args.blocks):
+            for v, url in zip(args.variants, urls, strict=True):
+                r = load(url, images, args.seconds, concurrency=args.concurrency)
+                runs[v].append(r["images_per_s"])
     base = np.asarray(runs[args.variants[0]])
     print(f"concurrency {args.concurrency}, {args.blocks} blocks of {args.seconds:g} s (images/s)")
     for v, r in runs.items():

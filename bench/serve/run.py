@@ -45,6 +45,14 @@ def make_images(out: Path, n: int = 48) -> None:
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out / f"{i:03d}.jpg", quality=88)
 
 
+def image_dir(given: str | None, tmp: str) -> Path:
+    """The --images folder, or `tmp` filled with the generated photos (make_images)."""
+    if given:
+        return Path(given)
+    make_images(Path(tmp))
+    return Path(tmp)
+
+
 def pipeline_limit(model: Path, images: list[bytes], threads: int) -> dict:
     from model_export.manifest import load_manifest
     from model_export.onnx import ort_runner, ort_session
@@ -140,9 +148,7 @@ def main() -> int:
                     help="extra argument for `uembed serve` (repeatable), e.g. --serve-arg=--inference-instances=1")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        images_dir = Path(args.images) if args.images else Path(tmp)
-        if not args.images:
-            make_images(images_dir)
+        images_dir = image_dir(args.images, tmp)
         images = [p.read_bytes() for p in sorted(images_dir.glob("*.jpg"))]
         limit = pipeline_limit(Path(args.model), images, args.threads)
         print(f"pipeline limit: {limit}", file=sys.stderr)
