@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     quiet_idle_priority: bool = Field(
         False, description="onnxruntime on CPU, Linux, with quiet_when_alone: while one client connection is open, "
         "lone images run on a fourth session whose spinning pool threads run at idle priority (SCHED_IDLE), so a "
-        "decode thread can take their core (split_decode_when_alone). About 2-3% more images/s at concurrency 1 "
+        "decode thread can take their core (split_decode_when_alone). About 2 to 6% more images/s at concurrency 1 "
         "on the 2-core bench machine, but when a second client comes and goes the first one's slowest requests "
         "got slower (up to 0.14 s against 0.05 s; docs/service.md), so off by default")
     quiet_when_alone: bool = Field(
