@@ -4,9 +4,11 @@ One client posts images one after another on a kept-alive connection (what a lon
 what `--quiet-when-alone`, `--quiet-idle-priority` and `--split-decode-when-alone` are for); a second
 one opens a new connection every INTERVAL (drawn uniformly between the two bounds), posts one image
 and closes it, so the server keeps passing between one client connection and two. All variants run
-at once, each on its own 127.0.0.1 port, and are visited in turn for BLOCKS blocks, as in paired.py.
+at once, each on its own 127.0.0.1 port, and are visited in turn for BLOCKS blocks, in paired.py's
+rotating order.
 Prints, per variant, the sequential client's requests/s and latency (p50, p99, max, how many over 60
-and 100 ms) and the same for the newcomers.
+and 100 ms) and the same for the newcomers, and the sequential client's requests/s per block as a
+ratio to the first variant's in the same block, with a 95% bootstrap interval (paired.py's).
 
     .venv/bin/python bench/serve/mixed.py --blocks 10 --seconds 8 uembed uembed,--quiet-idle-priority
 """
@@ -26,7 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from paired import running  # noqa: E402
+from paired import labels, ratio_summary, running, visiting_order  # noqa: E402
 from run import ROOT, image_dir  # noqa: E402
 
 
@@ -35,6 +37,7 @@ class Tally:
         self.sequential: list[float] = []
         self.newcomers: list[float] = []
         self.seconds = 0.0
+        self.per_block: list[float] = []  # the sequential client's requests/s in each block
 
 
 def block(url: str, blobs: list[bytes], seconds: float, interval: tuple[float, float], seed: int,
@@ -64,12 +67,14 @@ def block(url: str, blobs: list[bytes], seconds: float, interval: tuple[float, f
                 tally.newcomers.append(post(client, blobs[rng.randrange(len(blobs))]))
 
     threads = [threading.Thread(target=sequential), threading.Thread(target=newcomers)]
-    t0 = time.perf_counter()
+    t0, done = time.perf_counter(), len(tally.sequential)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    tally.seconds += time.perf_counter() - t0
+    took = time.perf_counter() - t0
+    tally.seconds += took
+    tally.per_block.append((len(tally.sequential) - done) / took)
 
 
 def describe(name: str, seconds: list[float]) -> str:
@@ -91,19 +96,23 @@ def main() -> int:
     import tempfile
 
     interval = (args.interval_ms[0] / 1000, args.interval_ms[1] / 1000)
-    tallies = {v: Tally() for v in args.variants}
+    tallies = {v: Tally() for v in labels(args.variants)}
     with tempfile.TemporaryDirectory() as tmp, running(args.variants, args.model) as urls:
         blobs = [p.read_bytes() for p in sorted(image_dir(args.images, tmp).glob("*.jpg"))]
         for url in urls:
             block(f"{url}/embed", blobs, 2.0, interval, 0, Tally())  # warm-up
         for b in range(args.blocks):
-            for v, url in zip(args.variants, urls, strict=True):
-                block(f"{url}/embed", blobs, args.seconds, interval, b, tallies[v])
+            for i in visiting_order(len(urls), b):
+                block(f"{urls[i]}/embed", blobs, args.seconds, interval, b, list(tallies.values())[i])
     print(f"{args.blocks} blocks of {args.seconds:g} s, a newcomer every {args.interval_ms[0]:g}-"
           f"{args.interval_ms[1]:g} ms")
+    base = np.asarray(next(iter(tallies.values())).per_block)
     for v, t in tallies.items():
-        print(f"- {v}: sequential client {len(t.sequential) / t.seconds:.1f} requests/s; "
-              f"{describe('sequential', t.sequential)}; {describe('newcomers', t.newcomers)}")
+        ratio, low, high, ahead = ratio_summary(np.asarray(t.per_block), base)
+        print(f"- {v}: all requests {(len(t.sequential) + len(t.newcomers)) / t.seconds:.1f}/s; "
+              f"sequential client {len(t.sequential) / t.seconds:.1f} requests/s, ratio to "
+              f"{args.variants[0]} {ratio:.3f} (95% {low:.3f} to {high:.3f}), ahead in {ahead} of {len(base)} "
+              f"blocks; {describe('sequential', t.sequential)}; {describe('newcomers', t.newcomers)}")
     return 0
 
 

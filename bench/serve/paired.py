@@ -1,7 +1,8 @@
 """Paired closed-loop comparison of server variants, for differences smaller than run-to-run drift.
 
 All variants run at once (each on its own 127.0.0.1 port, idle while the others are measured); the
-load generator visits them in turn for BLOCKS short blocks each, so a slow minute of the machine
+load generator visits them in turn for BLOCKS short blocks each (each block starting one variant
+further on, so that none always comes first or after the same one), so a slow minute of the machine
 hits every variant alike. Prints each variant's images/s per block, the median, and the median of
 the per-block ratio to the first variant with a 95% bootstrap interval (blocks resampled, seeded)
 and the number of blocks in which the variant was ahead: a ratio whose interval holds 1 is level.
@@ -72,18 +73,34 @@ def main() -> int:
         images = image_dir(args.images, tmp)
         for url in urls:
             load(url, images, 2, concurrency=args.concurrency)  # warm-up
-        runs: dict[str, list[float]] = {v: [] for v in args.variants}
-        for _ in range(args.blocks):
-            for v, url in zip(args.variants, urls, strict=True):
-                r = load(url, images, args.seconds, concurrency=args.concurrency)
-                runs[v].append(r["images_per_s"])
-    base = np.asarray(runs[args.variants[0]])
+        runs: list[list[float]] = [[] for _ in args.variants]  # by position: a variant may be given twice
+        for b in range(args.blocks):
+            for i in visiting_order(len(urls), b):
+                runs[i].append(load(urls[i], images, args.seconds, concurrency=args.concurrency)["images_per_s"])
+    base = np.asarray(runs[0])
     print(f"concurrency {args.concurrency}, {args.blocks} blocks of {args.seconds:g} s (images/s)")
-    for v, r in runs.items():
+    for v, r in zip(labels(args.variants), runs, strict=True):
         ratio, low, high, ahead = ratio_summary(np.asarray(r), base)
         print(f"- {v}: median {np.median(r):.1f}, ratio to {args.variants[0]} {ratio:.3f} (95% {low:.3f} to "
               f"{high:.3f}), ahead in {ahead} of {len(r)} blocks; blocks {r}")
     return 0
+
+
+def visiting_order(n: int, block: int) -> list[int]:
+    """Block b visits the variants starting from the b-th, in turn: none is always first or always
+    follows the same one (a server's threads may still spin for a while after its block ends)."""
+    return [(block + i) % n for i in range(n)]
+
+
+def labels(variants: list[str]) -> list[str]:
+    """The variants' names, a repeated one numbered ("uembed", "uembed #2"): an A/A run, two servers
+    alike, shows how far apart the method puts two equal servers."""
+    seen: dict[str, int] = {}
+    out = []
+    for v in variants:
+        seen[v] = seen.get(v, 0) + 1
+        out.append(v if seen[v] == 1 else f"{v} #{seen[v]}")
+    return out
 
 
 def ratio_summary(values: np.ndarray, base: np.ndarray, resamples: int = 4000,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from tests.conftest import load_script
@@ -28,3 +30,16 @@ def test_a_level_variant_has_an_interval_that_holds_one() -> None:
     assert low < 1.0 < high
     assert 10 < ahead < 30
     assert paired.ratio_summary(values, base) == (ratio, low, high, ahead)  # seeded: the same verdict twice
+
+
+def test_blocks_rotate_which_variant_comes_first_and_repeated_variants_are_told_apart() -> None:
+    paired = _paired()
+    orders = [paired.visiting_order(3, b) for b in range(6)]
+    assert all(sorted(o) == [0, 1, 2] for o in orders)
+    assert [o[0] for o in orders] == [0, 1, 2, 0, 1, 2]
+    # each variant follows each other one within the run, counting across block boundaries
+    visits = [i for o in orders for i in o]
+    follows = {(a, b) for a, b in itertools.pairwise(visits) if a != b}
+    assert follows == {(a, b) for a in range(3) for b in range(3) if a != b}
+    assert paired.labels(["naive", "uembed", "uembed", "uembed,--x", "uembed"]) == [
+        "naive", "uembed", "uembed #2", "uembed,--x", "uembed #3"]
