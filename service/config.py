@@ -68,11 +68,18 @@ class Settings(BaseSettings):
         "a contended batch (requests one at a time), lone images run on a session whose threads keep spinning "
         "after the run, so back-to-back requests find them awake (0: never, and no third session in memory)")
     quiet_idle_priority: bool = Field(
-        False, description="onnxruntime on CPU, Linux, with quiet_when_alone: while one client connection is open, "
+        False, description="onnxruntime on CPU, Linux, with quiet_when_alone, for a process that may not give a "
+        "thread its priority back (see quiet_idle_between_runs): while one client connection is open, "
         "lone images run on a fourth session whose spinning pool threads run at idle priority (SCHED_IDLE), so a "
         "decode thread can take their core (split_decode_when_alone). About 2 to 6% more images/s at concurrency 1 "
         "on the 2-core bench machine, but when a second client comes and goes the first one's slowest requests "
         "got slower (up to 0.14 s against 0.05 s; docs/service.md), so off by default")
+    quiet_idle_between_runs: bool = Field(
+        True, description="onnxruntime on CPU, Linux, where the process may give a thread its priority back "
+        "(CAP_SYS_NICE, as root, or an RLIMIT_NICE of 20; elsewhere it does not apply, and says so in the log): "
+        "the quiet session's pool threads spin between runs at idle priority (SCHED_IDLE), giving their core at "
+        "once to any thread that wants it (the next request's parsing and decoding, split_decode_when_alone), "
+        "and run at their own priority")
     quiet_when_alone: bool = Field(
         True, description="onnxruntime on CPU: while one client connection is open (its requests come strictly one "
         "at a time), lone images run on the quiet session at once, without waiting quiet_spin_after_s")
@@ -80,8 +87,9 @@ class Settings(BaseSettings):
         True, description="while one client connection is open (nothing else can run), decode a large baseline "
         "JPEG on two threads: a decode thread takes its first rows and resizes them while the request's own "
         "thread decodes the rest; the same array to the bit, a lone request's answer sooner. Only where no "
-        "backend thread spins after a run at normal priority (GPU backends; onnxruntime on CPU with "
-        "quiet_idle_priority, or without the quiet session); not with the onnxruntime defaults on CPU")
+        "backend thread spins after a run at normal priority: GPU backends; onnxruntime on CPU with "
+        "quiet_idle_between_runs where it applies (CAP_SYS_NICE), with quiet_idle_priority, or without the "
+        "quiet session")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     cache_dir: str = Field(

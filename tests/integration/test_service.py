@@ -513,18 +513,21 @@ def test_a_lone_connection_splits_a_large_jpeg_and_gets_the_same_array(tiny_arti
     """--split-decode-when-alone through the server: a lone connection's JPEG is decoded on two
     threads (a decode thread takes its first rows) and the model gets the one-thread array, to the
     bit; with a second connection open, the setting off, or the quiet session's threads spinning at
-    normal priority (--no-quiet-idle-priority), no split. The tiny model's input is so small that
-    its drafts stay under the split's pixel floor, so the floor is lowered here."""
+    normal priority between runs (--no-quiet-idle-between-runs), no split. The tiny model's input is
+    so small that its drafts stay under the split's pixel floor, so the floor is lowered here."""
     import socket
 
     from service import decode
+    from service.backends.onnxruntime import may_unpark
 
+    if idle and not may_unpark():
+        pytest.skip("this process may not give a thread its priority back (needs CAP_SYS_NICE)")
     monkeypatch.setattr(decode, "MIN_SPLIT_PIXELS", 1000)
     grain = np.random.default_rng(3).integers(-25, 26, (480, 640, 3))
     base = np.asarray(Image.open(io.BytesIO(photo(3, size=(640, 480)))).convert("RGB"), dtype=np.int16)
     data = encode_image(Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)), "JPEG", quality=90)
     app = create_app(settings(tiny_artifact, backend="onnxruntime", split_decode_when_alone=split_on,
-                              quiet_idle_priority=idle))
+                              quiet_idle_between_runs=idle))
     state = app.state.uembed
     arrays: list[np.ndarray] = []
     helpers: list[object] = []
@@ -594,6 +597,55 @@ def test_onnxruntime_sessions_contended_solo_and_quiet(tiny_artifact: Path) -> N
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_the_quiet_sessions_threads_idle_between_runs_and_not_during_them(tiny_artifact: Path) -> None:
+    """--quiet-idle-between-runs (the default): the quiet session's ONNX Runtime threads are
+    SCHED_IDLE while no run needs them and at their own policy during its runs; the other sessions'
+    threads and the caller's are never idle, and the answers are the same as without."""
+    from model_export.manifest import load_manifest
+    from service.backends.onnxruntime import OnnxRuntimeBackend, may_unpark
+
+    if not may_unpark():
+        pytest.skip("this process may not give a thread its priority back (needs CAP_SYS_NICE)")
+
+    def threads() -> set[int]:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+
+    def policies(tids: set[int]) -> dict[int, int]:
+        return {tid: os.sched_getscheduler(tid) for tid in tids}
+
+    manifest = load_manifest(tiny_artifact)
+    before = threads()
+    backend = OnnxRuntimeBackend(manifest, settings(tiny_artifact))
+    started = threads() - before
+    idle = {tid for tid, p in policies(started).items() if p == os.SCHED_IDLE}
+    assert idle and idle < started, policies(started)  # the quiet session's threads, and only those
+    assert backend.spare_core_when_alone and os.sched_getscheduler(0) != os.SCHED_IDLE
+    plain = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_idle_between_runs=False))
+    assert not plain.spare_core_when_alone  # its quiet session spins at normal priority after a run
+
+    seen: list[dict[int, int]] = []
+    quiet = backend.quiet_session
+
+    class Watched:  # the real session; records the threads' policies while its run is in progress
+        def run(self, *args: Any) -> Any:
+            seen.append(policies(idle))
+            return quiet.run(*args)
+
+    backend.quiet_session = Watched()
+    size = manifest.preprocess["input_size"]
+    x = np.random.default_rng(2).standard_normal((1, 3, size, size)).astype(np.float32)
+    backend.note_sequential()  # one client connection: lone images on the quiet session
+    got = [backend.embed(x, contended=False), backend.embed_alone(x)]
+    assert len(seen) == 2 and all(os.SCHED_IDLE not in s.values() for s in seen), seen
+    assert set(policies(idle).values()) == {os.SCHED_IDLE}
+    backend.embed(x, contended=True)  # the contended session: no switch
+    assert len(seen) == 2 and set(policies(idle).values()) == {os.SCHED_IDLE}
+    want = plain.solo_session.run(None, {plain.input_name: x})[0]
+    for out in got:
+        np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 @pytest.mark.parametrize("idle", [True, False], ids=["idle-priority", "off"])
 def test_the_alone_sessions_threads_run_at_idle_priority(tiny_artifact: Path, idle: bool) -> None:
     """--quiet-idle-priority: a fourth session for requests while one client connection is open,
@@ -618,7 +670,8 @@ def test_the_alone_sessions_threads_run_at_idle_priority(tiny_artifact: Path, id
     plain = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_spin_after_s=0))  # no quiet session
     assert not idle_threads(threads() - before) and plain.alone_session is None
     before = threads()
-    backend = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_idle_priority=idle))
+    backend = OnnxRuntimeBackend(manifest, settings(tiny_artifact, quiet_idle_priority=idle,
+                                                    quiet_idle_between_runs=False))
     started = threads() - before
     assert started, "ONNX Runtime started no threads for the sessions"
     assert os.sched_getscheduler(0) != os.SCHED_IDLE
