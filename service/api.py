@@ -329,9 +329,11 @@ async def _direct(state: ServiceState, batcher: Batcher, blob: bytes, deadline: 
     backend, dim = state.backend, batcher.embedding_dim
     alone = not contended and state.alone()
     # One client connection: nothing else can decode meanwhile, so a decode thread may take part of
-    # this image's decoding (service/decode.py, TopBand), where no backend thread spins on that core.
+    # this image's decoding (service/decode.py, TopBand), where no backend thread spins on that core,
+    # unless clients came and went a moment ago: a newcomer then waits for the cores the split holds.
     helper = (state.decode_pool if alone and state.settings.split_decode_when_alone
-              and backend.spare_core_when_alone else None)
+              and backend.spare_core_when_alone and state.alone_for(state.settings.split_decode_after_alone_s)
+              else None)
     run_alone = alone and state.settings.quiet_when_alone
 
     def work() -> tuple[bytes, float, float]:

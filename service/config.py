@@ -90,6 +90,10 @@ class Settings(BaseSettings):
         "backend thread spins after a run at normal priority: GPU backends; onnxruntime on CPU with "
         "quiet_idle_between_runs where it applies (CAP_SYS_NICE), with quiet_idle_priority, or without the "
         "quiet session")
+    split_decode_after_alone_s: float = Field(
+        1.0, ge=0, description="split_decode_when_alone only after this many seconds without a second client "
+        "connection: where clients come and go beside a sequential one, a newcomer waited for the cores a split "
+        "held (the sequential client got 7% fewer requests/s than with no split; docs/service.md)")
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long queued and in-flight requests may take to finish")
     cache_dir: str = Field(

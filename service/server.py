@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from model_export.manifest import load_manifest
 from service.app import create_app
 from service.config import Settings
+from service.state import Connections
 from uembed.errors import UserError
 
 
@@ -33,11 +34,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def watch_connections(server: uvicorn.Server, app: FastAPI) -> None:
-    """Let the app see how many client connections `server` holds open (--quiet-when-alone,
-    --split-decode-when-alone)."""
+    """Let the app see how many client connections `server` holds open, and when it last held more
+    than one (--quiet-when-alone, --split-decode-when-alone). Before `server` starts."""
     state = app.state.uembed
     if state.settings.quiet_when_alone or state.settings.split_decode_when_alone:
-        state.http_connections = server.server_state.connections
+        server.server_state.connections = state.http_connections = Connections()
 
 
 def build_settings(overrides: dict[str, Any]) -> Settings:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +52,25 @@ class UploadBudget:
             self.gauge.set(self.held)
 
 
+class Connections(set):  # type: ignore[type-arg]
+    """The HTTP server's open client connections (uvicorn's `ServerState.connections`, replaced by
+    this before it starts: uvicorn only adds and discards), and when more than one was last open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crowded_at = -float("inf")  # time.monotonic() when more than one was last open
+
+    def add(self, item: object) -> None:
+        super().add(item)
+        if len(self) > 1:
+            self.crowded_at = time.monotonic()
+
+    def discard(self, item: object) -> None:
+        if len(self) > 1:
+            self.crowded_at = time.monotonic()
+        super().discard(item)
+
+
 @dataclass
 class ServiceState:
     settings: Settings
@@ -64,9 +83,9 @@ class ServiceState:
     infer_pool: Executor | None = None
     ready: bool = False
     draining: bool = False
-    # The HTTP server's open connections (uvicorn's ServerState.connections, a live set), where the
-    # launcher provides it (service/server.py); None: unknown, never `alone`.
-    http_connections: Sized | None = None
+    # The HTTP server's open connections, where the launcher provides them (service/server.py);
+    # None: unknown, never `alone`.
+    http_connections: Connections | None = None
     limits: DecodeLimits = field(init=False)
     uploads: UploadBudget = field(init=False)
 
@@ -93,6 +112,12 @@ class ServiceState:
     def alone(self) -> bool:
         """One client connection is open: the request being served is the only one that can be."""
         return self.http_connections is not None and len(self.http_connections) <= 1
+
+    def alone_for(self, seconds: float) -> bool:
+        """`alone`, and no second connection was open in the last `seconds`: one client, not a moment
+        between clients that come and go."""
+        conns = self.http_connections
+        return conns is not None and len(conns) <= 1 and time.monotonic() - conns.crowded_at >= seconds
 
     def client_gone(self) -> None:
         self.metrics.failures.labels("client_disconnected").inc()

@@ -512,9 +512,10 @@ def test_a_lone_connection_splits_a_large_jpeg_and_gets_the_same_array(tiny_arti
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """--split-decode-when-alone through the server: a lone connection's JPEG is decoded on two
     threads (a decode thread takes its first rows) and the model gets the one-thread array, to the
-    bit; with a second connection open, the setting off, or the quiet session's threads spinning at
-    normal priority between runs (--no-quiet-idle-between-runs), no split. The tiny model's input is
-    so small that its drafts stay under the split's pixel floor, so the floor is lowered here."""
+    bit; with a second connection open, or closed less than --split-decode-after-alone-s ago, the
+    setting off, or the quiet session's threads spinning at normal priority between runs
+    (--no-quiet-idle-between-runs), no split. The tiny model's input is so small that its drafts stay
+    under the split's pixel floor, so the floor is lowered here."""
     import socket
 
     from service import decode
@@ -526,8 +527,9 @@ def test_a_lone_connection_splits_a_large_jpeg_and_gets_the_same_array(tiny_arti
     grain = np.random.default_rng(3).integers(-25, 26, (480, 640, 3))
     base = np.asarray(Image.open(io.BytesIO(photo(3, size=(640, 480)))).convert("RGB"), dtype=np.int16)
     data = encode_image(Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+    after = 60.0
     app = create_app(settings(tiny_artifact, backend="onnxruntime", split_decode_when_alone=split_on,
-                              quiet_idle_between_runs=idle))
+                              quiet_idle_between_runs=idle, split_decode_after_alone_s=after))
     state = app.state.uembed
     arrays: list[np.ndarray] = []
     helpers: list[object] = []
@@ -549,13 +551,17 @@ def test_a_lone_connection_splits_a_large_jpeg_and_gets_the_same_array(tiny_arti
                 first = vectors(client.post(f"{server.url}/embed", content=data))
         wait_until(lambda: not state.http_connections, "the connections to close")
         with httpx.Client() as client:
+            soon = vectors(client.post(f"{server.url}/embed", content=data))
+            state.http_connections.crowded_at -= after  # as if `after` seconds had passed
             alone = vectors(client.post(f"{server.url}/embed", content=data))
-    assert helpers[0] is None and (helpers[1] is not None) == (split_on and idle)
-    assert bands == (["_top_rows"] if split_on and idle else []), bands
+    assert helpers[0] is None and helpers[1] is None, "split beside, or a moment after, a second client"
+    assert (helpers[2] is not None) == (split_on and idle)
+    assert bands[-1:] == (["_top_rows"] if split_on and idle else []), bands
     want = decode.decode_image(data, state.spec, state.limits)
     for got in arrays:
         np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(alone, first, atol=1e-5)
+    np.testing.assert_allclose(soon, first, atol=1e-5)
 
 
 def test_readiness_reflects_a_dead_batcher(tiny_artifact: Path) -> None:
