@@ -13,12 +13,12 @@ finds them awake instead of waking them (on this 2-core VM about 10% more images
 concurrency 1 with a fast client, bench/serve).
 
 Spinning between runs holds a core that the next request's parsing and decoding could use. Where
-the process may give a thread its priority back (CAP_SYS_NICE, as root; `may_unpark`), the quiet
-session's pool threads spin between runs at idle priority (Linux SCHED_IDLE: they give the core at
-once to any thread that wants it) and run at their own priority (`IdleBetweenRuns`,
-`quiet_idle_between_runs`, on by default). Then a lone request's JPEG may take a decode thread on that
-core (service/decode.py, `TopBand`); at normal priority the two shared it, and the split decode cost a
-quarter of the images/s at concurrency 1.
+the process may give a thread its priority back (CAP_SYS_NICE, as root, or RLIMIT_NICE 20;
+`may_unpark`), the quiet session's pool threads spin between runs at idle priority (Linux
+SCHED_IDLE: they give the core at once to any thread that wants it) and run at their own priority
+(`IdleBetweenRuns`, `quiet_idle_between_runs`, on by default). Then a lone request's JPEG may take a
+decode thread on that core (service/decode.py, `TopBand`); at normal priority the two shared it, and
+the split decode cost a quarter of the images/s at concurrency 1.
 
 Without that permission, `quiet_idle_priority` (off by default) runs lone images, while the server
 holds one client connection (`embed_alone`), on a fourth session whose threads are idle for good
@@ -178,7 +178,6 @@ def idle_priority(make: Callable[[], T]) -> tuple[T, bool]:
     if error:
         raise error[0]
     return out[0], bool(applied)
-
 
 
 def started_threads(make: Callable[[], T]) -> tuple[T, frozenset[int]]:
