@@ -194,22 +194,19 @@ def started_threads(make: Callable[[], T]) -> tuple[T, frozenset[int]]:
 
 def may_unpark() -> bool:
     """Whether this process may move a thread to idle priority and back: the way back from SCHED_IDLE
-    needs CAP_SYS_NICE or an RLIMIT_NICE of 20 (sched(7)). Tried on a scratch thread."""
+    needs CAP_SYS_NICE or an RLIMIT_NICE of 20 (sched(7)). Tried on `idle_priority`'s scratch thread."""
+
+    def back() -> bool:
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            return False
+        return True
+
     if not hasattr(os, "SCHED_IDLE"):
         return False
-    ok: list[bool] = []
-
-    def run() -> None:
-        with contextlib.suppress(OSError):
-            policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            os.sched_setscheduler(0, policy, param)
-            ok.append(True)
-
-    thread = threading.Thread(target=run, name="uembed-may-unpark")
-    thread.start()
-    thread.join()
-    return bool(ok)
+    returned, idle = idle_priority(back)
+    return idle and returned
 
 
 class IdleBetweenRuns:
