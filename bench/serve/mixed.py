@@ -96,18 +96,18 @@ def main() -> int:
     import tempfile
 
     interval = (args.interval_ms[0] / 1000, args.interval_ms[1] / 1000)
-    tallies = {v: Tally() for v in labels(args.variants)}
+    tallies = [Tally() for _ in args.variants]
     with tempfile.TemporaryDirectory() as tmp, running(args.variants, args.model) as urls:
         blobs = [p.read_bytes() for p in sorted(image_dir(args.images, tmp).glob("*.jpg"))]
         for url in urls:
             block(f"{url}/embed", blobs, 2.0, interval, 0, Tally())  # warm-up
         for b in range(args.blocks):
             for i in visiting_order(len(urls), b):
-                block(f"{urls[i]}/embed", blobs, args.seconds, interval, b, list(tallies.values())[i])
+                block(f"{urls[i]}/embed", blobs, args.seconds, interval, b, tallies[i])
     print(f"{args.blocks} blocks of {args.seconds:g} s, a newcomer every {args.interval_ms[0]:g}-"
           f"{args.interval_ms[1]:g} ms")
-    base = np.asarray(next(iter(tallies.values())).per_block)
-    for v, t in tallies.items():
+    base = np.asarray(tallies[0].per_block)
+    for v, t in zip(labels(args.variants), tallies, strict=True):
         ratio, low, high, ahead = ratio_summary(np.asarray(t.per_block), base)
         print(f"- {v}: all requests {(len(t.sequential) + len(t.newcomers)) / t.seconds:.1f}/s; "
               f"sequential client {len(t.sequential) / t.seconds:.1f} requests/s, ratio to "
